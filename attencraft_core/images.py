@@ -1,0 +1,81 @@
+"""Reading the user's image and masks, and turning them into tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import AttenCraftError
+
+MIN_IMAGE_SIDE = 64
+
+
+def load_image(path: str | Path) -> tuple[Image.Image, list[str]]:
+    """Open an image as RGB. Returns the image and notes (e.g. that an RGBA image was converted)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            image = img.copy()
+    except FileNotFoundError as exc:
+        raise AttenCraftError(f"Image {str(path)!r} does not exist.") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise AttenCraftError(
+            f"Cannot read {str(path)!r} as an image ({exc}). Use a PNG, JPEG or WebP file.") from exc
+    return ensure_rgb(image, name=Path(path).name)
+
+
+def ensure_rgb(image: Image.Image, name: str = "the image") -> tuple[Image.Image, list[str]]:
+    """Convert any mode to RGB (alpha flattened onto white) and check the size."""
+    notes = []
+    if image.mode != "RGB":
+        original = image.mode
+        if "A" in image.getbands() or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            image = flat
+            notes.append(f"{name} was {original} with transparency; converted to RGB on a white background.")
+        else:
+            image = image.convert("RGB")
+            notes.append(f"{name} was {original}; converted to RGB.")
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise AttenCraftError(
+            f"{name} is {image.size[0]}x{image.size[1]} px; AttenCraft needs at least {MIN_IMAGE_SIDE} px on "
+            "each side (the model's own resolution, e.g. 512 px for SD, is best).")
+    return image, notes
+
+
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """[1, 3, size, size] in [-1, 1], resized with bicubic filtering (as the reference code does)."""
+    resized = image.resize((size, size), Image.Resampling.BICUBIC)
+    array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    """Inverse of image_to_tensor for one [3, H, W] or [1, 3, H, W] tensor in [-1, 1]."""
+    tensor = tensor.detach().float().cpu().reshape(-1, *tensor.shape[-3:])[0]
+    array = ((tensor.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def mask_to_image(mask: torch.Tensor) -> Image.Image:
+    """A boolean or [0, 1] mask as a greyscale PNG-ready image (white = concept)."""
+    return Image.fromarray((mask.detach().float().cpu().numpy() * 255).round().astype(np.uint8), mode="L")
+
+
+PALETTE = ((230, 57, 70), (29, 120, 230), (42, 170, 90), (244, 162, 37), (150, 80, 200), (30, 200, 200),
+           (220, 90, 170), (120, 120, 40))
+
+
+def overlay(image: Image.Image, masks: torch.Tensor, alpha: float = 0.5) -> Image.Image:
+    """The image with each mask [N, H, W] (image size) tinted in its own colour."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    out = base.copy()
+    for i, mask in enumerate(masks.bool().cpu().numpy()):
+        colour = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
+        out[mask] = (1 - alpha) * base[mask] + alpha * colour
+    return Image.fromarray(out.round().astype(np.uint8))

@@ -1,0 +1,119 @@
+"""Mask initialization: where each concept is, from one UNet forward pass on the noised image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import mask_math
+from .attention import AttentionStore, capture_attention, map_side
+from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positions
+from .encoding import encode_images, encode_prompts
+from .images import image_to_tensor
+from .model_loading import SDComponents
+
+
+@dataclass
+class MaskOptions:
+    """Settings of mask extraction; the defaults are the paper's."""
+
+    seed: int = 0
+    t_min: int = 0
+    t_max: int = 300
+    threshold: float = 0.1
+    affinity_power: int = 4
+    cross_factor: int = 4
+    self_factor: int = 2
+    resolution: int | None = None  # square side the image is resized to; None = the model's own
+
+    def check(self, num_train_timesteps: int) -> None:
+        from .errors import AttenCraftError
+        if not 0 <= self.t_min < self.t_max <= num_train_timesteps:
+            raise AttenCraftError(
+                f"Timestep range [{self.t_min}, {self.t_max}) is invalid: need 0 <= min < max <= "
+                f"{num_train_timesteps}. The default [0, 300) works well.")
+        if not 0 <= self.threshold < 1:
+            raise AttenCraftError(f"Threshold {self.threshold} must be in [0, 1); the default is 0.1.")
+        if self.affinity_power < 1:
+            raise AttenCraftError("The affinity power must be at least 1 (default 4).")
+
+
+@dataclass
+class MaskResult:
+    """Masks at attention resolution and image size, per-concept maps and attention scores."""
+
+    concepts: list[Concept]
+    masks_lowres: torch.Tensor        # [N, h, w] bool, h = latent/2
+    maps: torch.Tensor                # [N + 1, h, w] propagated maps, index 0 = background (start token)
+    token_attention: torch.Tensor     # [N + 1, h, w] normalised cross-attention, index 0 = start token
+    scores: torch.Tensor              # [N] mean attention of each token inside its own mask
+    timestep: int
+    masks: torch.Tensor | None = None  # [N, H, W] bool at the user's image size
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """JSON-ready description (no tensors but the small per-concept numbers)."""
+        return {
+            "concepts": [{"word": c.word, "placeholder": c.placeholder, "score": round(float(s), 6),
+                          "mask_fraction": round(float(m.float().mean()), 6)}
+                         for c, m, s in zip(self.concepts, self.masks_lowres, self.scores)],
+            "timestep": self.timestep,
+            "notes": list(self.notes),
+        }
+
+
+def sample_timestep_and_noise(shape, opts: MaskOptions, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+    """A timestep uniform in [t_min, t_max) and Gaussian noise, both from `generator` (CPU)."""
+    t = int(torch.randint(opts.t_min, opts.t_max, (1,), generator=generator))
+    return t, torch.randn(shape, generator=generator)
+
+
+def masks_from_latents(comps: SDComponents, latents: torch.Tensor, concepts: list[Concept],
+                       opts: MaskOptions, generator: torch.Generator) -> MaskResult:
+    """One UNet pass with the all-concepts prompt on noised latents [1, C, h, w], then the mask rule."""
+    opts.check(comps.noise_scheduler.config.num_train_timesteps)
+    placeholders = [c.placeholder for c in concepts]
+    prompt = concepts_prompt(placeholders)
+    positions = token_positions(comps.tokenizer, prompt, placeholders)
+    t, noise = sample_timestep_and_noise(latents.shape, opts, generator)
+    timesteps = torch.tensor([t], device=comps.device)
+    noisy = comps.noise_scheduler.add_noise(latents, noise.to(latents), timesteps)
+    store = AttentionStore(rows=[0])
+    with torch.no_grad(), capture_attention(comps.unet, store, opts.cross_factor, opts.self_factor):
+        comps.unet(noisy, timesteps, encode_prompts(comps, [prompt])).sample
+        cross, self_attn = store.mean("cross")[0], store.mean("self")[0]
+    aspect = latents.shape[-1] / latents.shape[-2]
+    cross_hw, self_hw = map_side(cross.shape[0], aspect), map_side(self_attn.shape[0], aspect)
+    token_idx = [positions["<sot>"]] + [positions[p] for p in placeholders]
+    attention = mask_math.token_maps(cross, token_idx, cross_hw, self_hw)
+    maps = mask_math.propagate(mask_math.affinity(self_attn, opts.affinity_power), attention)
+    labels = mask_math.margin_labels(maps, opts.threshold)
+    assignment = mask_math.assign_regions(labels, attention[1:], [c.word for c in concepts])
+    masks = torch.stack([labels == region for region in assignment.region_of_concept])
+    # Reorder maps so that map k + 1 is the region concept k received.
+    maps = torch.cat([maps[:1], maps[assignment.region_of_concept]])
+    scores = mask_math.attention_scores(attention[1:], masks)
+    return MaskResult(concepts, masks, maps, attention, scores, t)
+
+
+def upsample_masks(result: MaskResult, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """[N, H, W] bool at `size` (width, height): the margin rule re-applied on bilinearly upsampled maps."""
+    width, height = size
+    maps = F.interpolate(result.maps[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    labels = mask_math.margin_labels(maps, threshold)
+    return torch.stack([labels == k + 1 for k in range(len(result.concepts))])
+
+
+def extract_masks(comps: SDComponents, image: Image.Image, concepts: list[Concept],
+                  opts: MaskOptions | None = None) -> MaskResult:
+    """Masks, maps and scores for the concepts in an RGB image. Adds the concept tokens to the components."""
+    opts = opts or MaskOptions()
+    add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
+    resolution = opts.resolution or comps.native_resolution
+    latents = encode_images(comps, image_to_tensor(image, resolution))
+    result = masks_from_latents(comps, latents, concepts, opts, torch.Generator().manual_seed(opts.seed))
+    result.masks = upsample_masks(result, image.size, opts.threshold)
+    return result

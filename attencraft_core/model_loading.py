@@ -1,0 +1,139 @@
+"""Loading a Stable Diffusion 1.x/2.x style component set from a local diffusers folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import AttenCraftError
+
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class SDComponents:
+    """The modules the method works on. The core may add tokens to `tokenizer`; callers own copies."""
+
+    unet: "torch.nn.Module"
+    vae: "torch.nn.Module"
+    text_encoder: "torch.nn.Module"
+    tokenizer: object
+    noise_scheduler: object
+    source: str = ""
+
+    @property
+    def family(self) -> str:
+        return model_family(self.unet.config.cross_attention_dim)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        """Image side in pixels the UNet was built for (sample_size x VAE factor)."""
+        size = self.unet.config.sample_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return int(size) * self.vae_scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "SDComponents":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+            if dtype is not None and next(module.parameters()).dtype != dtype:
+                module.to(dtype)
+        return self
+
+
+def model_family(cross_attention_dim: int) -> str:
+    """"sd1" (768-d CLIP-L text), "sd2" (1024-d OpenCLIP-H text) or "custom-<dim>" for other models."""
+    return {768: "sd1", 1024: "sd2"}.get(int(cross_attention_dim), f"custom-{int(cross_attention_dim)}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AttenCraftError(f"Cannot read {path}: {exc}. Is the model folder complete?") from exc
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """Check that `model_dir` looks like a local diffusers SD 1.x/2.x folder, with a readable error if not."""
+    root = Path(model_dir).expanduser()
+    if not root.is_dir():
+        raise AttenCraftError(
+            f"Model folder {str(root)!r} does not exist. Pass a local diffusers folder "
+            "(with unet/, vae/, text_encoder/, tokenizer/ and scheduler/); nothing is downloaded.")
+    if (root / "transformer").is_dir() or (root / "text_encoder_3").is_dir():
+        raise AttenCraftError(
+            f"{root} holds a transformer-based model (SD3/Flux style). AttenCraft needs a Stable Diffusion "
+            "1.x or 2.x style model with a UNet2DConditionModel.")
+    index = root / "model_index.json"
+    if index.is_file():
+        cls = _read_json(index).get("_class_name", "")
+        if cls and "StableDiffusion" not in cls:
+            raise AttenCraftError(
+                f"{root} is a {cls} model, not a Stable Diffusion 1.x/2.x style model (UNet + CLIP + VAE).")
+        if "XL" in cls:
+            raise AttenCraftError(f"{root} is an SDXL model ({cls}); only SD 1.x/2.x style models are supported.")
+    missing = [p for p in REQUIRED_PARTS if not (root / p).is_dir()]
+    if missing:
+        raise AttenCraftError(
+            f"Model folder {root} is missing {', '.join(missing)}. A Stable Diffusion diffusers folder has "
+            f"the sub-folders {', '.join(REQUIRED_PARTS)}; re-export or re-copy the model.")
+    unet_cfg = root / "unet" / "config.json"
+    if not unet_cfg.is_file():
+        raise AttenCraftError(f"{unet_cfg} is missing: the unet folder is incomplete.")
+    cls = _read_json(unet_cfg).get("_class_name")
+    if cls != "UNet2DConditionModel":
+        raise AttenCraftError(
+            f"{root}/unet is a {cls}, not a UNet2DConditionModel: not a Stable Diffusion 1.x/2.x style model.")
+    return root
+
+
+def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, progress: bool = False) -> SDComponents:
+    """Load UNet, VAE, CLIP text encoder, tokenizer and a DDPM noise scheduler, offline."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = check_model_dir(model_dir)
+    start = time.perf_counter()
+    parts = {}
+    loaders = {
+        "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True),
+        "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, local_files_only=True),
+        "vae": lambda p: AutoencoderKL.from_pretrained(p, local_files_only=True),
+        "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True),
+        "scheduler": lambda p: DDPMScheduler.from_pretrained(p, local_files_only=True),
+    }
+    for i, (name, load) in enumerate(loaders.items(), 1):
+        if progress:
+            print(f"Loading model {root.name}: {name} ({i}/{len(loaders)})", flush=True)
+        try:
+            parts[name] = load(root / name)
+        except Exception as exc:  # library errors become one readable message
+            raise AttenCraftError(f"Could not load {name} from {root / name}: {exc}") from exc
+    comps = SDComponents(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                         parts["scheduler"], source=str(root))
+    if comps.unet.config.cross_attention_dim != comps.text_encoder.config.hidden_size:
+        raise AttenCraftError(
+            f"{root}: the UNet expects {comps.unet.config.cross_attention_dim}-d text features but the text "
+            f"encoder gives {comps.text_encoder.config.hidden_size}-d: components from different models.")
+    for module in (comps.unet, comps.vae, comps.text_encoder):
+        module.requires_grad_(False).eval()
+    comps.to(torch.device(device), dtype)
+    if progress:
+        print(f"Loaded {root.name} ({comps.family}) in {time.perf_counter() - start:.1f} s", flush=True)
+    return comps

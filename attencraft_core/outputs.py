@@ -1,0 +1,70 @@
+"""Writing results to disk: safe file names, atomic writes, the mask folder layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from .errors import AttenCraftError
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe slug of `text` (letters, digits, - and _)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "concept"
+
+
+def ensure_out_dir(path: str | Path) -> Path:
+    """Create the output folder, or say clearly why it cannot be written."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise AttenCraftError(f"Output folder {str(out)!r} is not writable ({exc.strerror or exc}). "
+                              "Choose a folder you can write to.") from exc
+    return out
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call write(tmp_path) then rename onto `path`: readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | Path, data) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+
+
+def save_image(path: str | Path, image) -> Path:
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_mask_outputs(out_dir: str | Path, image, result) -> dict:
+    """mask_<i>_<word>.png per concept, overlay.png and masks.json in `out_dir`; returns the JSON written."""
+    from .images import mask_to_image, overlay
+
+    out = ensure_out_dir(out_dir)
+    files = []
+    for i, (concept, mask) in enumerate(zip(result.concepts, result.masks)):
+        name = f"mask_{i}_{safe_name(concept.word)}.png"
+        save_image(out / name, mask_to_image(mask))
+        files.append(name)
+    save_image(out / "overlay.png", overlay(image, result.masks))
+    summary = result.summary()
+    for entry, name in zip(summary["concepts"], files):
+        entry["mask_file"] = name
+    summary["overlay_file"] = "overlay.png"
+    write_json(out / "masks.json", summary)
+    return summary

@@ -1,0 +1,100 @@
+"""Tiny Stable-Diffusion-shaped component sets built from configs (random weights).
+
+They have the real component types and layer layout, so every code path runs on them in seconds; their
+attention is meaningless, so masks made with them say nothing about quality. Tests, benchmarks and the
+`make-tiny-model` command use them.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .model_loading import SDComponents
+
+BASE_WORDS = ("a", "photo", "of", "and", "at", "the", "beach", "on", "in", "with", "cat", "dog", "bird",
+              "teddy", "bear", "ball", "red", "blue", "green", "circle", "star", "square", "background")
+
+
+def build_word_tokenizer(words=BASE_WORDS, max_length: int = 77):
+    """A CLIPTokenizer whose BPE merges make each given word one token; other words split into letters."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    chars = string.ascii_lowercase + string.digits + ".,!?'-"
+    for c in chars:
+        add(c)
+    for c in chars:
+        add(c + "</w>")
+    merges: list[str] = []
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            rule = f"{current} {piece}"
+            if rule not in merges:
+                merges.append(rule)
+            current += piece
+            add(current)
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"),
+                             model_max_length=max_length)
+
+
+def build_tiny_components(seed: int = 0, text_dim: int = 32, prediction_type: str = "epsilon",
+                          sample_size: int = 32, words=BASE_WORDS) -> SDComponents:
+    """A random SD-style set: 64 px images, 32x32 latents, cross/self-attention at every UNet level but the last."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(words)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=text_dim, attention_head_dim=2)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=sample_size * 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type, clip_sample=False)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source="tiny")
+
+
+def save_components(comps: SDComponents, out_dir: str | Path) -> Path:
+    """Write a component set as a diffusers StableDiffusionPipeline folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    comps.unet.save_pretrained(out / "unet")
+    comps.vae.save_pretrained(out / "vae")
+    comps.text_encoder.save_pretrained(out / "text_encoder")
+    comps.tokenizer.save_pretrained(out / "tokenizer")
+    comps.noise_scheduler.save_pretrained(out / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", type(comps.noise_scheduler).__name__],
+             "safety_checker": [None, None], "feature_extractor": [None, None],
+             "requires_safety_checker": False}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out

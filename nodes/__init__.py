@@ -1,0 +1,1 @@
+"""ComfyUI nodes and the ComfyUI <-> diffusers bridge (to come; the core never imports ComfyUI)."""

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny SD-style models built from configs; no network, no model hub."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from attencraft_core.tiny_models import build_tiny_components, save_components  # noqa: E402
+
+
+@pytest.fixture
+def tiny():
+    """A fresh random tiny component set (the core may add tokens to it)."""
+    return build_tiny_components(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny component set saved as a diffusers folder."""
+    return save_components(build_tiny_components(seed=0), tmp_path_factory.mktemp("tiny_model"))
+
+
+def two_object_array(size: int = 64) -> np.ndarray:
+    """A grey scene with a red square top-left and a blue square bottom-right."""
+    a = np.full((size, size, 3), 200, np.uint8)
+    s = size // 64
+    a[8 * s:28 * s, 6 * s:26 * s] = (220, 30, 30)
+    a[36 * s:58 * s, 36 * s:60 * s] = (30, 30, 220)
+    return a
+
+
+@pytest.fixture
+def scene_png(tmp_path):
+    path = tmp_path / "scene.png"
+    Image.fromarray(two_object_array()).save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+
+
+def quadrant_blobs(side: int, n: int) -> torch.Tensor:
+    """[n, side, side] disjoint square blobs in the four quadrants (order: TL, BR, TR, BL)."""
+    q = side // 2
+    corners = [(0, 0), (q, q), (0, q), (q, 0)]
+    blobs = torch.zeros(n, side, side)
+    for k, (y, x) in enumerate(corners[:n]):
+        blobs[k, y + q // 4: y + q - q // 4, x + q // 4: x + q - q // 4] = 1
+    return blobs
+
+
+@pytest.fixture
+def planted_attention(monkeypatch):
+    """Make the tiny UNet's recorded attention meaningful: the token at prompt position 4 + 2k (concept k
+    in "a photo of <c0> and <c1> ...") attends to quadrant blob k, the start token to the background, and
+    self-attention links pixels of the same region. Random tiny models have random attention otherwise.
+
+    Call it with N; it returns the blobs at 16x16 (the tiny model's self-attention side for 32x32 latents).
+    """
+    from attencraft_core.attention import AttentionStore
+
+    def plant(n: int):
+        original = AttentionStore.add
+
+        def add(self, kind, probs, heads):
+            queries, keys = probs.shape[1], probs.shape[2]
+            side = int(round(queries ** 0.5))
+            blobs = quadrant_blobs(side, n).flatten(1)
+            background = 1 - blobs.amax(0)
+            if kind == "cross":
+                planted = torch.full((queries, keys), 0.01)
+                planted[:, 0] += background
+                for k in range(n):
+                    planted[:, 4 + 2 * k] += blobs[k]
+            else:
+                regions = torch.cat([background[None], blobs])
+                planted = regions.T @ regions + 0.01
+            planted = planted / planted.sum(-1, keepdim=True)
+            # keep the autograd link to the real probabilities (zero-weighted) so gradients still flow
+            planted = planted.to(probs) + 0 * probs
+            original(self, kind, planted, heads)
+
+        monkeypatch.setattr(AttentionStore, "add", add)
+        return quadrant_blobs(16, n).bool()
+
+    return plant

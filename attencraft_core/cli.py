@@ -19,11 +19,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight precision on an accelerator; the CPU always uses fp32 (default fp32)")
 
 
-def _add_mask_args(p: argparse.ArgumentParser) -> None:
+def _add_mask_args(p: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
     from .masks import MaskOptions
 
     d = MaskOptions()
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the timestep and noise (default {d.seed})")
+    p.add_argument(seed_flag, dest="mask_seed", type=int, default=d.seed,
+                   help=f"seed of the mask timestep and noise (default {d.seed})")
     p.add_argument("--t-min", type=int, default=d.t_min, help=f"smallest timestep drawn (default {d.t_min})")
     p.add_argument("--t-max", type=int, default=d.t_max,
                    help=f"timesteps are drawn from [t-min, t-max) (default {d.t_max})")
@@ -42,7 +43,7 @@ def _add_mask_args(p: argparse.ArgumentParser) -> None:
 def _mask_options(args):
     from .masks import MaskOptions
 
-    return MaskOptions(seed=args.seed, t_min=args.t_min, t_max=args.t_max, threshold=args.threshold,
+    return MaskOptions(seed=args.mask_seed, t_min=args.t_min, t_max=args.t_max, threshold=args.threshold,
                        affinity_power=args.affinity_power, cross_factor=args.cross_factor,
                        self_factor=args.self_factor, resolution=args.resolution)
 
@@ -78,6 +79,88 @@ def cmd_masks(args) -> int:
     return 0
 
 
+def _progress(total: int, initial: int = 0):
+    """A tqdm bar whose callback shows loss and sampling ratios (the trainer's callback signature)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+    def callback(step, steps, record, ratios):
+        bar.set_postfix(loss=f"{record['loss']:.4f}", ratios=",".join(f"{k}:{v:.2f}" for k, v in ratios.items()),
+                        refresh=False)
+        bar.update(step - bar.n)
+    return bar, callback
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from .concepts import parse_concepts
+    from .images import load_image
+    from .outputs import ensure_out_dir, safe_name
+    from .training import Trainer, TrainOptions
+
+    concepts = parse_concepts(args.concepts)
+    image, notes = load_image(args.image)
+    user_masks = None
+    if args.masks:
+        paths = [m.strip() for m in args.masks.split(",") if m.strip()]
+        user_masks = [load_image(p)[0].convert("L") for p in paths]
+    class_imgs = None
+    if args.class_images:
+        from pathlib import Path
+        files = sorted(p for p in Path(args.class_images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+        if not files:
+            from .errors import AttenCraftError
+            raise AttenCraftError(f"No PNG/JPEG/WebP images in --class-images {args.class_images}.")
+        class_imgs = [load_image(p)[0] for p in files]
+    opts = TrainOptions(
+        steps=args.steps, lr=args.lr, embedding_lr=args.embedding_lr, weight_decay=args.weight_decay,
+        rank=args.rank, alpha=args.alpha, targets=args.targets, policy=args.policy, seed=args.seed,
+        masked_loss=not args.no_masked_loss, unmasked_term=args.unmasked_term,
+        attention_weight=args.attention_weight, prior_weight=args.prior_weight, class_prompt=args.class_prompt,
+        num_class_images=args.num_class_images, class_steps=args.class_steps, refresh_every=args.refresh_every,
+        ssim_min=args.ssim_min, checkpoint_every=args.checkpoint_every, two_phase=args.two_phase,
+        phase1_steps=args.phase1_steps, phase1_lr=args.phase1_lr, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, resolution=args.resolution, masks=_mask_options(args))
+    opts.check()
+    out = ensure_out_dir(args.out)
+    comps = _load(args)
+    for note in notes:
+        print(f"note: {note}")
+    trainer = Trainer(comps, image, concepts, out, opts, user_masks=user_masks, class_images=class_imgs,
+                      cache_dir=args.cache_dir, log=tqdm.write)
+    start = trainer.resume() if args.resume else 0
+    bar, trainer.callback = _progress(opts.steps, start)
+    with bar:
+        result = trainer.run(safe_name(args.name))
+    print(f"final loss {result.history[-1]['loss']:.4f}" if result.history else "no step was run")
+    for kind, path in result.files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .concept_file import ConceptSet
+    from .generation import generate
+    from .outputs import ensure_out_dir, save_image
+
+    concept_set = ConceptSet.load(args.concepts)
+    concept_set.check_prompt(args.prompt)
+    from pathlib import Path
+    out = Path(args.out)
+    ensure_out_dir(out.parent if str(out.parent) else ".")
+    comps = _load(args)
+    concept_set.apply(comps)
+    images = generate(comps, [args.prompt] * args.count, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                      negative_prompt=args.negative, resolution=args.resolution)
+    for i, image in enumerate(images):
+        path = out if args.count == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
+        save_image(path, image)
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_make_tiny_model(args) -> int:
     from .tiny_models import build_tiny_components, save_components
 
@@ -103,6 +186,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     _add_mask_args(p)
     p.set_defaults(func=cmd_masks)
+
+    from .training import TrainOptions
+    d = TrainOptions()
+    p = sub.add_parser("train", help="learn the concepts of one image (LoRA + concept embeddings)",
+                       description="Train concept embeddings and a LoRA with AttenCraft's masked and attention "
+                                   "losses. Writes <name>.safetensors (concept set), <name>_lora_kohya.safetensors, "
+                                   "<name>_c<i>.safetensors (textual inversion), masks, <name>_loss.png, "
+                                   "<name>_train.json and checkpoint.pt to --out.")
+    _add_model_args(p)
+    p.add_argument("--image", required=True, help="the image showing all concepts")
+    p.add_argument("--concepts", required=True, help='comma-separated word per concept, e.g. "cat,dog"')
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--masks", default=None,
+                   help="comma-separated mask images, one per concept in order (white = concept); skips extraction")
+    p.add_argument("--name", default="attencraft", help="base name of the files written (default attencraft)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
+    p.add_argument("--embedding-lr", type=float, default=None, help="learning rate of the embeddings (default --lr)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"AdamW weight decay, LoRA weights only (default {d.weight_decay})")
+    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
+    p.add_argument("--targets", default=d.targets, choices=["kv", "qkvo", "attn", "all"],
+                   help="LoRA layers: kv = cross-attention key/value (default, as the paper), qkvo = all "
+                        "cross-attention projections, attn = self and cross attention, all = attention + feed-forward")
+    p.add_argument("--policy", default=d.policy, choices=["adaptive", "uniform", "union"],
+                   help="concept sampling: adaptive (by attention scores, default), uniform, union (Break-A-Scene)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"training seed (default {d.seed})")
+    p.add_argument("--no-masked-loss", action="store_true", help="use the plain diffusion loss on the whole image")
+    p.add_argument("--unmasked-term", action="store_true",
+                   help="add the full-image loss to the masked loss (half each, as the reference code)")
+    p.add_argument("--attention-weight", type=float, default=d.attention_weight,
+                   help=f"weight of the cross-attention JSD loss, 0 disables it (default {d.attention_weight})")
+    p.add_argument("--prior-weight", type=float, default=d.prior_weight,
+                   help=f"weight of prior preservation, 0 disables it (default {d.prior_weight})")
+    p.add_argument("--class-prompt", default=d.class_prompt, help=f"prior prompt (default {d.class_prompt!r})")
+    p.add_argument("--class-images", default=None,
+                   help="folder of class images; default: generate them with the base model once and cache them")
+    p.add_argument("--num-class-images", type=int, default=d.num_class_images,
+                   help=f"class images to generate (default {d.num_class_images})")
+    p.add_argument("--class-steps", type=int, default=d.class_steps,
+                   help=f"sampling steps for generated class images (default {d.class_steps})")
+    p.add_argument("--cache-dir", default=None, help="cache of class images (default $ATTENCRAFT_CACHE or ~/.cache/attencraft)")
+    p.add_argument("--refresh-every", type=int, default=d.refresh_every,
+                   help=f"re-derive masks every N steps, 0 = never (default {d.refresh_every})")
+    p.add_argument("--ssim-min", type=float, default=d.ssim_min,
+                   help=f"a refreshed mask is kept only with SSIM >= this vs the previous one (default {d.ssim_min})")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"write checkpoint.pt every N steps (default {d.checkpoint_every})")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
+    p.add_argument("--two-phase", action="store_true",
+                   help="first train embeddings only at --phase1-lr, then LoRA + embeddings (Break-A-Scene)")
+    p.add_argument("--phase1-steps", type=int, default=d.phase1_steps,
+                   help=f"steps of phase 1 with --two-phase (default {d.phase1_steps})")
+    p.add_argument("--phase1-lr", type=float, default=d.phase1_lr, help=f"phase-1 learning rate (default {d.phase1_lr})")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    _add_mask_args(p, seed_flag="--mask-seed")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate images with a trained concept set",
+                       description="Load a concept set onto the base model and generate; use <c0>, <c1>, ... in "
+                                   "the prompt, e.g. \"a photo of <c0> on the beach\".")
+    _add_model_args(p)
+    p.add_argument("--concepts", required=True, help="the <name>.safetensors concept set written by train")
+    p.add_argument("--prompt", required=True, help='prompt using the placeholders, e.g. "a photo of <c1> on the beach"')
+    p.add_argument("--out", required=True, help="output PNG path (with --count > 1, _<i> is added)")
+    p.add_argument("--negative", default="", help="negative prompt (default empty)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0); image i uses seed + i")
+    p.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--count", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--resolution", type=int, default=None, help="square side in px (default: the model's own)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("make-tiny-model", help="write a random tiny SD-style model folder (smoke tests)",
                        description="Write a tiny randomly initialised SD-style diffusers folder. It runs every "

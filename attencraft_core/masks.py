@@ -71,9 +71,13 @@ def sample_timestep_and_noise(shape, opts: MaskOptions, generator: torch.Generat
     return t, torch.randn(shape, generator=generator)
 
 
-def masks_from_latents(comps: SDComponents, latents: torch.Tensor, concepts: list[Concept],
-                       opts: MaskOptions, generator: torch.Generator) -> MaskResult:
-    """One UNet pass with the all-concepts prompt on noised latents [1, C, h, w], then the mask rule."""
+def concept_attention(comps: SDComponents, latents: torch.Tensor, concepts: list[Concept], opts: MaskOptions,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One UNet pass with the all-concepts prompt on noised latents [1, C, h, w].
+
+    Returns the normalised cross-attention maps [N + 1, h, w] (start token first) at self-attention
+    resolution, the self-attention [h*w, h*w] and the timestep used.
+    """
     opts.check(comps.noise_scheduler.config.num_train_timesteps)
     placeholders = [c.placeholder for c in concepts]
     prompt = concepts_prompt(placeholders)
@@ -88,7 +92,13 @@ def masks_from_latents(comps: SDComponents, latents: torch.Tensor, concepts: lis
     aspect = latents.shape[-1] / latents.shape[-2]
     cross_hw, self_hw = map_side(cross.shape[0], aspect), map_side(self_attn.shape[0], aspect)
     token_idx = [positions["<sot>"]] + [positions[p] for p in placeholders]
-    attention = mask_math.token_maps(cross, token_idx, cross_hw, self_hw)
+    return mask_math.token_maps(cross, token_idx, cross_hw, self_hw), self_attn, t
+
+
+def masks_from_latents(comps: SDComponents, latents: torch.Tensor, concepts: list[Concept],
+                       opts: MaskOptions, generator: torch.Generator) -> MaskResult:
+    """The paper's mask initialization on latents [1, C, h, w]: one UNet pass, then the mask rule."""
+    attention, self_attn, t = concept_attention(comps, latents, concepts, opts, generator)
     maps = mask_math.propagate(mask_math.affinity(self_attn, opts.affinity_power), attention)
     labels = mask_math.margin_labels(maps, opts.threshold)
     assignment = mask_math.assign_regions(labels, attention[1:], [c.word for c in concepts])

@@ -1,0 +1,76 @@
+"""Text-to-image generation with the components (DDIM, classifier-free guidance), and the class-image cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .model_loading import SDComponents
+from .outputs import save_image
+
+
+def make_pipeline(comps: SDComponents):
+    """A diffusers StableDiffusionPipeline over the same modules, with a DDIM scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int = 30, cfg: float = 7.5,
+             negative_prompt: str = "", resolution: int | None = None) -> list[Image.Image]:
+    """One image per prompt; image i uses seed + i, so results do not depend on batch composition."""
+    from .concepts import tokenize_prompt
+
+    for prompt in prompts:
+        tokenize_prompt(comps.tokenizer, prompt)  # readable error for over-long prompts
+    size = resolution or comps.native_resolution
+    pipe = make_pipeline(comps)
+    images = []
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator("cpu").manual_seed(seed + i)
+            latents = torch.randn((1, comps.unet.config.in_channels, size // comps.vae_scale_factor,
+                                   size // comps.vae_scale_factor), generator=generator)
+            images += pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
+                           height=size, width=size, latents=latents.to(comps.device, comps.dtype)).images
+    return images
+
+
+def model_fingerprint(comps: SDComponents) -> str:
+    """Short hash of a few weights: tells two models apart without hashing gigabytes."""
+    h = hashlib.sha256()
+    for tensor in (comps.unet.conv_in.weight, comps.text_encoder.get_input_embeddings().weight[:64]):
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ATTENCRAFT_CACHE", Path.home() / ".cache" / "attencraft"))
+
+
+def class_images(comps: SDComponents, prompt: str, count: int, resolution: int, steps: int = 25,
+                 cache_dir: str | Path | None = None, progress=None) -> list[Image.Image]:
+    """`count` base-model images of `prompt`, generated once and cached on disk by model, prompt and size."""
+    key = hashlib.sha256(f"{model_fingerprint(comps)}|{prompt}|{resolution}|{steps}".encode()).hexdigest()[:16]
+    folder = Path(cache_dir or default_cache_dir()) / "class_images" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompt.txt").write_text(prompt)
+    images = []
+    for i in range(count):
+        path = folder / f"{i:04d}.png"
+        if not path.is_file():
+            image = generate(comps, [prompt], seed=10_000 + i, steps=steps, resolution=resolution)[0]
+            save_image(path, image)
+        images.append(Image.open(path).convert("RGB"))
+        if progress:
+            progress(i + 1, count)
+    return images

@@ -1,0 +1,105 @@
+"""LoRA adapters on the UNet (PEFT) and their kohya-format export, which ComfyUI and A1111 load."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import AttenCraftError
+
+ADAPTER = "attencraft"
+# Regexes over UNet module names (PEFT matches them in full).
+TARGETS = {
+    "kv": r".*attn2\.(to_k|to_v)",
+    "qkvo": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
+    "attn": r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+    "all": r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)",
+}
+
+
+def add_lora(unet, rank: int = 16, alpha: float | None = None, targets: str = "kv", seed: int = 0) -> None:
+    """Wrap the target layers with trainable LoRA (base weights stay frozen); alpha defaults to the rank."""
+    from peft import LoraConfig
+
+    if targets not in TARGETS:
+        raise AttenCraftError(f"Unknown LoRA targets {targets!r}: use one of {', '.join(TARGETS)}.")
+    if rank < 1:
+        raise AttenCraftError(f"LoRA rank must be at least 1, got {rank}.")
+    config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank),
+                        target_modules=TARGETS[targets], init_lora_weights=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config, adapter_name=ADAPTER)
+    for name, param in unet.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def lora_parameters(unet) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """{"<module path>.lora_A.weight"|"...lora_B.weight": tensor} without the adapter name."""
+    out = {}
+    for name, param in unet.named_parameters():
+        if "lora_" in name:
+            out[name.replace(f".{ADAPTER}", "")] = param.detach().float().cpu().contiguous()
+    return out
+
+
+def load_lora_state_dict(unet, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: str) -> None:
+    """Add the adapter (if missing) and copy weights from a lora_state_dict; every key must match."""
+    if not any("lora_" in n for n, _ in unet.named_parameters()):
+        add_lora(unet, rank, alpha, targets)
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            name = key.replace(".lora_A.", f".lora_A.{ADAPTER}.").replace(".lora_B.", f".lora_B.{ADAPTER}.")
+            if name not in params or params[name].shape != value.shape:
+                raise AttenCraftError(f"LoRA weight {key} does not fit this model (another base model or rank?).")
+            params[name].copy_(value)
+    for param in params.values():
+        param.requires_grad_(False)
+
+
+def kohya_name(module_path: str) -> str:
+    return "lora_unet_" + module_path.replace(".", "_")
+
+
+def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """PEFT keys -> `lora_unet_<path>.lora_down.weight / .lora_up.weight / .alpha` (alpha = the real lora_alpha)."""
+    out = {}
+    for key, value in state.items():
+        path, kind = re.match(r"(.*)\.lora_([AB])\.weight$", key).groups()
+        base = kohya_name(path)
+        out[f"{base}.lora_down.weight" if kind == "A" else f"{base}.lora_up.weight"] = value
+        out[f"{base}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def from_kohya(kohya: dict[str, torch.Tensor], module_paths: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Inverse of to_kohya given the UNet's module paths. Returns the PEFT state and alpha per module path."""
+    by_name = {kohya_name(p): p for p in module_paths}
+    state, alphas = {}, {}
+    for key, value in kohya.items():
+        base, _, suffix = key.partition(".")
+        if base not in by_name:
+            raise AttenCraftError(f"kohya key {key} names no layer of this UNet.")
+        path = by_name[base]
+        if suffix == "alpha":
+            alphas[path] = float(value)
+        else:
+            state[f"{path}.lora_{'A' if suffix == 'lora_down.weight' else 'B'}.weight"] = value
+    return state, alphas
+
+
+def lora_deltas(state: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Weight change of each wrapped layer: up @ down * alpha / rank."""
+    out = {}
+    for key, down in state.items():
+        if ".lora_A." in key:
+            path = key.split(".lora_A.")[0]
+            up = state[f"{path}.lora_B.weight"]
+            out[path] = up @ down * (alphas[path] / down.shape[0])
+    return out

@@ -1,0 +1,387 @@
+"""AttenCraft training: concept embeddings + LoRA with masked, prior and attention losses, adaptive sampling,
+mask refresh, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import mask_math
+from .attention import AttentionStore, capture_attention, map_side
+from .concept_file import ConceptSet
+from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positions
+from .encoding import encode_images, encode_prompts
+from .errors import AttenCraftError
+from .images import image_to_tensor
+from .lora import add_lora, lora_parameters, lora_state_dict
+from .losses import attention_loss, masked_diffusion_loss, ssim
+from .masks import MaskOptions, concept_attention, masks_from_latents
+from .model_loading import SDComponents
+from .outputs import atomic_write, ensure_out_dir, write_json
+from .sampling import ConceptSampler
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainOptions:
+    """Training settings; defaults follow the paper's reference code."""
+
+    steps: int = 500
+    lr: float = 1e-4
+    embedding_lr: float | None = None  # None: same as lr
+    weight_decay: float = 1e-2         # LoRA weights only
+    max_grad_norm: float = 1.0
+    rank: int = 16
+    alpha: float | None = None         # None: equal to the rank
+    targets: str = "kv"
+    policy: str = "adaptive"
+    all_share: float = 1 / 3
+    seed: int = 0
+    masked_loss: bool = True
+    unmasked_term: bool = False
+    attention_weight: float = 1.0
+    prior_weight: float = 1.0
+    class_prompt: str = "a photo at the beach"
+    num_class_images: int = 8
+    class_steps: int = 25
+    refresh_every: int = 20            # 0 disables mask refresh
+    ssim_min: float = 0.8
+    checkpoint_every: int = 100
+    two_phase: bool = False
+    phase1_steps: int = 100            # embeddings only, at phase1_lr
+    phase1_lr: float = 5e-4
+    precision: str = "fp32"            # autocast on an accelerator: bf16 / fp16; fp32 on the CPU
+    gradient_checkpointing: bool = False
+    resolution: int | None = None
+    masks: MaskOptions = field(default_factory=MaskOptions)
+
+    def check(self) -> None:
+        if self.steps < 1:
+            raise AttenCraftError(f"Steps must be at least 1, got {self.steps}.")
+        if self.lr <= 0:
+            raise AttenCraftError(f"Learning rate must be positive, got {self.lr}.")
+        if self.two_phase and not 0 < self.phase1_steps < self.steps:
+            raise AttenCraftError(f"With two phases, phase-1 steps ({self.phase1_steps}) must be between 1 and "
+                                  f"steps - 1 ({self.steps - 1}).")
+        if self.prior_weight > 0 and self.num_class_images < 1:
+            raise AttenCraftError("Prior preservation needs at least one class image (or --prior-weight 0).")
+
+
+@dataclass
+class TrainResult:
+    concept_set: ConceptSet
+    history: list[dict]
+    events: list[str]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+class TrainingCancelled(Exception):
+    """Raised by a progress callback to stop training; the last checkpoint is kept."""
+
+
+def prepare_user_masks(masks: list, concepts: list[Concept], size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
+    """User masks (PIL images or [H, W] tensors) as bool [N, h, w] at `size` (h, w), with notes."""
+    if len(masks) != len(concepts):
+        raise AttenCraftError(f"Got {len(masks)} masks for {len(concepts)} concepts: give one mask per concept, "
+                              "in the same order as the concept words.")
+    notes, out = [], []
+    for i, (mask, concept) in enumerate(zip(masks, concepts)):
+        if isinstance(mask, Image.Image):
+            mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+        mask = mask.float()
+        if mask.max() <= 0:
+            raise AttenCraftError(f"The mask for {concept.word!r} (mask {i + 1}) is all black: paint the concept "
+                                  "white, or leave masks out to extract them from attention.")
+        if tuple(mask.shape) != tuple(size):
+            notes.append(f"mask {i + 1} ({concept.word}) was {mask.shape[1]}x{mask.shape[0]}; resized.")
+        resized = F.interpolate(mask[None, None], size=size, mode="area")[0, 0]
+        out.append(resized > 0.5 if resized.max() > 0.5 else resized >= resized.max())
+    return torch.stack(out), notes
+
+
+class Trainer:
+    """One training run. Build it, then call run(); everything is seeded and resumable."""
+
+    def __init__(self, comps: SDComponents, image: Image.Image, concepts: list[Concept], out_dir: str | Path,
+                 opts: TrainOptions | None = None, user_masks: list | None = None,
+                 class_images: list[Image.Image] | None = None, cache_dir: str | Path | None = None,
+                 callback=None, log=print):
+        self.opts = opts or TrainOptions()
+        self.opts.check()
+        self.comps, self.concepts, self.callback, self.log = comps, concepts, callback, log
+        self.out = ensure_out_dir(out_dir)
+        self.device = comps.device
+        self.events: list[str] = []
+        self.history: list[dict] = []
+        self.start_step = 0
+        resolution = self.opts.resolution or comps.native_resolution
+
+        self.token_ids = add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
+        self.latents = encode_images(comps, image_to_tensor(image, resolution))
+        if self.opts.prior_weight > 0:
+            if class_images is None:
+                from .generation import class_images as make_class_images
+                log(f"class images: {self.opts.num_class_images} x {self.opts.class_prompt!r} (cached)")
+                class_images = make_class_images(comps, self.opts.class_prompt, self.opts.num_class_images,
+                                                 resolution, self.opts.class_steps, cache_dir)
+            self.class_latents = torch.cat([encode_images(comps, image_to_tensor(im, resolution))
+                                            for im in class_images])
+        self.generator = torch.Generator().manual_seed(self.opts.seed)
+
+        opts_m = self.opts.masks
+        if user_masks is not None:
+            attention, _, _ = concept_attention(comps, self.latents, concepts, opts_m,
+                                                torch.Generator().manual_seed(opts_m.seed))
+            self.masks, notes = prepare_user_masks(user_masks, concepts, attention.shape[-2:])
+            self.scores = mask_math.attention_scores(attention[1:], self.masks)
+            self.events += notes
+        else:
+            result = masks_from_latents(comps, self.latents, concepts, opts_m,
+                                        torch.Generator().manual_seed(opts_m.seed))
+            self.masks, self.scores = result.masks_lowres, result.scores
+        self.sampler = ConceptSampler(len(concepts), self.opts.policy, self.opts.all_share, self.opts.seed)
+        self.sampler.set_scores(self.scores)
+        self._event(f"masks ready; sampling ratios {self.sampler.ratios()}")
+
+        add_lora(comps.unet, self.opts.rank, self.opts.alpha, self.opts.targets, seed=self.opts.seed)
+        if self.opts.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+            comps.unet.train()
+        self.embedding = comps.text_encoder.get_input_embeddings().weight
+        self.embedding.requires_grad_(True)
+        keep = torch.zeros(self.embedding.shape[0], 1, dtype=torch.bool, device=self.embedding.device)
+        keep[self.token_ids] = True
+        self._hook = self.embedding.register_hook(lambda grad: grad * keep)  # only placeholder rows learn
+        self.lora = lora_parameters(comps.unet)
+        self.optimizer = torch.optim.AdamW([
+            {"params": self.lora, "weight_decay": self.opts.weight_decay, "name": "lora"},
+            {"params": [self.embedding], "weight_decay": 0.0, "name": "embeddings"}])
+
+    # ---- helpers ---------------------------------------------------------------------------------------------
+    def _event(self, text: str, step: int | None = None) -> None:
+        line = text if step is None else f"step {step}: {text}"
+        self.events.append(line)
+        self.log(line)
+
+    def _set_learning_rates(self, step: int) -> None:
+        o = self.opts
+        phase1 = o.two_phase and step < o.phase1_steps
+        for group in self.optimizer.param_groups:
+            if group["name"] == "lora":
+                group["lr"] = 0.0 if phase1 else o.lr
+            else:
+                group["lr"] = o.phase1_lr if phase1 else (o.embedding_lr or o.lr)
+
+    def _target(self, latents, noise, t):
+        sched = self.comps.noise_scheduler
+        if sched.config.prediction_type == "v_prediction":
+            return sched.get_velocity(latents, noise, t)
+        return noise
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.opts.precision)
+        enabled = dtype is not None and self.device.type != "cpu"
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=enabled)
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def step(self, step: int) -> dict:
+        o, comps = self.opts, self.comps
+        self._set_learning_rates(step)
+        chosen = self.sampler.sample()
+        placeholders = [self.concepts[i].placeholder for i in chosen]
+        prompt = concepts_prompt(placeholders)
+        positions = token_positions(comps.tokenizer, prompt, placeholders)
+        latents, prompts = self.latents, [prompt]
+        if o.prior_weight > 0:
+            pick = int(torch.randint(len(self.class_latents), (1,), generator=self.generator))
+            latents = torch.cat([latents, self.class_latents[pick:pick + 1]])
+            prompts.append(o.class_prompt)
+        noise = torch.randn(latents.shape, generator=self.generator).to(latents)
+        t = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (len(latents),),
+                          generator=self.generator).to(self.device)
+        noisy = comps.noise_scheduler.add_noise(latents, noise, t)
+        store = AttentionStore(rows=[0])
+        with self._autocast(), capture_attention(comps.unet, store, o.masks.cross_factor, None, detach_sot=True):
+            pred = comps.unet(noisy, t, encode_prompts(comps, prompts)).sample
+        target = self._target(latents, noise, t)
+
+        union = self.masks[chosen].any(0).float()[None, None].to(self.device)
+        latent_mask = F.interpolate(union, size=latents.shape[-2:], mode="nearest")
+        losses = {"instance": masked_diffusion_loss(pred[:1], target[:1], latent_mask if o.masked_loss else None,
+                                                    o.unmasked_term)}
+        if o.prior_weight > 0:
+            losses["prior"] = F.mse_loss(pred[1:].float(), target[1:].float())
+        if o.attention_weight > 0:
+            cross = store.mean("cross")[0]
+            cross_hw = map_side(cross.shape[0], latents.shape[-1] / latents.shape[-2])
+            background = ~self.masks.any(0)
+            targets = torch.stack([background] + [self.masks[i] for i in chosen]).to(self.device)
+            token_idx = [positions["<sot>"]] + [positions[p] for p in placeholders]
+            losses["attention"] = attention_loss(cross, token_idx, cross_hw, targets)
+        total = (losses["instance"] + o.prior_weight * losses.get("prior", 0.0)
+                 + o.attention_weight * losses.get("attention", 0.0))
+        if not torch.isfinite(total):
+            raise AttenCraftError(f"The loss became {float(total)} at step {step + 1}: lower the learning rate "
+                                  "(--lr) or use fp32. The last checkpoint is kept.")
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.lora + [self.embedding], o.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "loss": float(total.detach()), "concepts": chosen,
+                  **{k: float(v.detach()) for k, v in losses.items()}}
+        self.history.append(record)
+        return record
+
+    def refresh_masks(self, step: int) -> None:
+        """Re-derive the masks with the current model; keep them only if one-to-one and SSIM >= ssim_min."""
+        gen = torch.Generator().manual_seed(self.opts.masks.seed + step)
+        self.comps.unet.eval()
+        try:
+            result = masks_from_latents(self.comps, self.latents, self.concepts, self.opts.masks, gen)
+        except AttenCraftError as exc:
+            self._event(f"mask refresh rejected ({str(exc).split(':')[0]})", step)
+            return
+        finally:
+            if self.opts.gradient_checkpointing:
+                self.comps.unet.train()
+        similarity = [ssim(new, old) for new, old in zip(result.masks_lowres, self.masks)]
+        if min(similarity) < self.opts.ssim_min:
+            self._event(f"mask refresh rejected (SSIM {', '.join(f'{s:.2f}' for s in similarity)} "
+                        f"< {self.opts.ssim_min})", step)
+            return
+        self.masks, self.scores = result.masks_lowres, result.scores
+        self.sampler.set_scores(self.scores)
+        self._event(f"masks refreshed (SSIM {', '.join(f'{s:.2f}' for s in similarity)}); "
+                    f"sampling ratios {self.sampler.ratios()}", step)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def _checkpoint_state(self, step: int) -> dict:
+        return {"step": step, "lora": lora_state_dict(self.comps.unet),
+                "embeddings": self.embedding.detach()[self.token_ids].cpu().clone(),
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "sampler": self.sampler.state(), "masks": self.masks.cpu(), "scores": self.scores.cpu(),
+                "history": self.history, "events": self.events,
+                "concepts": [c.placeholder + "=" + c.word for c in self.concepts],
+                "options": {"seed": self.opts.seed, "rank": self.opts.rank, "targets": self.opts.targets}}
+
+    def save_checkpoint(self, step: int) -> Path:
+        state = self._checkpoint_state(step)
+        return atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+    def resume(self) -> int:
+        """Load out/checkpoint.pt if present; returns the step it continues from (0 if none)."""
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            self.log(f"no checkpoint in {self.out}; starting from step 0")
+            return 0
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        expected = self._checkpoint_state(0)
+        for key in ("concepts", "options"):
+            if state[key] != expected[key]:
+                raise AttenCraftError(f"{path} belongs to another run ({key}: {state[key]} vs {expected[key]}). "
+                                      "Use another --out folder, or the same settings.")
+        params = dict(self.comps.unet.named_parameters())
+        with torch.no_grad():
+            for key, value in state["lora"].items():
+                name = key.replace(".lora_A.", ".lora_A.attencraft.").replace(".lora_B.", ".lora_B.attencraft.")
+                params[name].copy_(value)
+            self.embedding[self.token_ids] = state["embeddings"].to(self.embedding)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.sampler.load_state(state["sampler"])
+        self.masks, self.scores = state["masks"], state["scores"]
+        self.sampler.set_scores(self.scores)
+        self.history, self.events = state["history"], state["events"]
+        self.start_step = state["step"]
+        self.log(f"resumed from {path} at step {self.start_step}")
+        return self.start_step
+
+    # ---- the run ---------------------------------------------------------------------------------------------
+    def concept_set(self) -> ConceptSet:
+        o = self.opts
+        training = {k: v for k, v in asdict(o).items() if k != "masks"}
+        training["mask_options"] = asdict(o.masks)
+        training["steps_done"] = self.history[-1]["step"] if self.history else 0
+        return ConceptSet(self.concepts, self.embedding.detach()[self.token_ids].float().cpu().clone(),
+                          lora_state_dict(self.comps.unet), o.rank, float(o.alpha or o.rank), o.targets,
+                          self.comps.family, self.comps.source, self.masks.cpu(), training)
+
+    def run(self, name: str = "attencraft") -> TrainResult:
+        o = self.opts
+        started = time.perf_counter()
+        try:
+            for step in range(self.start_step, o.steps):
+                try:
+                    record = self.step(step)
+                except torch.OutOfMemoryError as exc:
+                    raise AttenCraftError(
+                        f"Out of memory at step {step + 1}. Lower memory with gradient checkpointing, bf16 "
+                        "precision, a smaller resolution, a lower LoRA rank or kv-only targets. "
+                        f"The last checkpoint in {self.out} is kept.") from exc
+                done = step + 1
+                if o.refresh_every and done % o.refresh_every == 0 and done < o.steps:
+                    self.refresh_masks(done)
+                if done % o.checkpoint_every == 0 or done == o.steps:
+                    self.save_checkpoint(done)
+                if self.callback:
+                    self.callback(done, o.steps, record, self.sampler.ratios())
+        finally:
+            self._hook.remove()
+            self.embedding.requires_grad_(False)
+            for p in self.lora:
+                p.requires_grad_(False)
+            self.comps.unet.eval()
+        result = TrainResult(self.concept_set(), self.history, self.events)
+        result.files = self.write_outputs(result, name, time.perf_counter() - started)
+        return result
+
+    def write_outputs(self, result: TrainResult, name: str, seconds: float) -> dict[str, Path]:
+        from .images import mask_to_image
+        from .outputs import safe_name, save_image
+
+        files = result.concept_set.export(self.out, name)
+        for i, (concept, mask) in enumerate(zip(self.concepts, self.masks)):
+            files[f"mask_{i}"] = save_image(self.out / f"{name}_mask_{i}_{safe_name(concept.word)}.png",
+                                            mask_to_image(mask))
+        files["loss_curve"] = save_image(self.out / f"{name}_loss.png", loss_curve(self.history))
+        files["log"] = write_json(self.out / f"{name}_train.json", {
+            "concepts": [{"word": c.word, "placeholder": c.placeholder} for c in self.concepts],
+            "seconds": round(seconds, 2), "events": self.events, "history": self.history,
+            "final_sampling_ratios": self.sampler.ratios()})
+        return files
+
+
+def loss_curve(history: list[dict], size: tuple[int, int] = (640, 360)) -> Image.Image:
+    """A PNG-ready plot of the total loss per step (grey) and its running mean (blue)."""
+    from PIL import ImageDraw
+
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    values = [h["loss"] for h in history]
+    pad = 40
+    draw.rectangle([pad, 10, width - 10, height - pad], outline=(160, 160, 160))
+    if not values:
+        return image
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+
+    def point(i, v):
+        x = pad + (width - 10 - pad) * (i / max(len(values) - 1, 1))
+        return x, height - pad - (height - pad - 10) * (v - low) / span
+
+    window = max(1, len(values) // 20)
+    smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+              for i in range(len(values))]
+    if len(values) > 1:
+        draw.line([point(i, v) for i, v in enumerate(values)], fill=(190, 190, 190), width=1)
+        draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(29, 90, 200), width=2)
+    draw.text((pad, height - pad + 8), f"step 1..{len(values)}   loss {low:.4g} .. {high:.4g}", fill="black")
+    return image

@@ -75,7 +75,7 @@ def build_tiny_components(seed: int = 0, text_dim: int = 32, prediction_type: st
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type=prediction_type, clip_sample=False)
+                              beta_end=0.012, prediction_type=prediction_type, clip_sample=False, steps_offset=1)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source="tiny")

@@ -1,0 +1,319 @@
+"""Training: what changes, files written, save/load/generate, kohya round trip, resume, interruption, bad input."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from attencraft_core import AttenCraftError, parse_concepts
+from attencraft_core.cli import main
+from attencraft_core.concept_file import ConceptSet, embedding_key
+from attencraft_core.generation import class_images, generate
+from attencraft_core.lora import from_kohya, lora_deltas
+from attencraft_core.outputs import atomic_write
+from attencraft_core.tiny_models import build_tiny_components
+from attencraft_core.training import Trainer, TrainingCancelled, TrainOptions
+from conftest import quadrant_blobs, two_object_array
+
+WORDS = "cat, dog, bird"
+
+
+def scene():
+    return Image.fromarray(two_object_array())
+
+
+def user_masks(n):
+    return list(quadrant_blobs(64, n))
+
+
+def class_imgs():
+    return [Image.fromarray(two_object_array()[::-1].copy())]
+
+
+def make_trainer(comps, out, n=2, callback=None, masks="user", **options):
+    opts = TrainOptions(**{"steps": 4, "checkpoint_every": 2, "refresh_every": 0, "rank": 4, **options})
+    concepts = parse_concepts(WORDS.split(", ")[:n])
+    return Trainer(comps, scene(), concepts, out, opts, user_masks=user_masks(n) if masks == "user" else None,
+                   class_images=class_imgs(), callback=callback, log=lambda line: None)
+
+
+def trained_state(comps, token_ids):
+    lora = {n: p.detach().clone() for n, p in comps.unet.named_parameters() if "lora_" in n}
+    return lora, comps.text_encoder.get_input_embeddings().weight.detach()[token_ids].clone()
+
+
+def test_training_changes_every_lora_weight_and_every_concept_embedding_and_nothing_else(tiny, tmp_path):
+    frozen = {f"unet.{k}": v.clone() for k, v in tiny.unet.state_dict().items()}
+    frozen.update({f"vae.{k}": v.clone() for k, v in tiny.vae.state_dict().items()})
+    frozen.update({f"te.{k}": v.clone() for k, v in tiny.text_encoder.state_dict().items()})
+    trainer = make_trainer(tiny, tmp_path, n=3, alpha=8.0)
+    table_before = tiny.text_encoder.get_input_embeddings().weight.detach().clone()  # after token init
+    lora_before = {n: p.detach().clone() for n, p in tiny.unet.named_parameters() if "lora_" in n}
+    assert lora_before, "no LoRA parameters were added"
+    result = trainer.run("t")
+    assert all(np.isfinite(h["loss"]) for h in result.history) and len(result.history) == 4
+    for name, p in tiny.unet.named_parameters():
+        if "lora_" in name:
+            assert not torch.equal(p, lora_before[name]), f"{name} did not change"
+            assert ".attn2.to_k." in name or ".attn2.to_v." in name  # default targets: cross-attention k/v
+    table = tiny.text_encoder.get_input_embeddings().weight.detach()
+    for token_id in trainer.token_ids:  # every concept, the last one included
+        assert not torch.equal(table[token_id], table_before[token_id]), f"token {token_id} did not move"
+    others = torch.ones(table.shape[0], dtype=torch.bool)
+    others[trainer.token_ids] = False
+    assert torch.equal(table[others], table_before[others])
+    state = {f"unet.{k}": v for k, v in tiny.unet.state_dict().items() if "lora_" not in k}
+    state = {k.replace(".base_layer", ""): v for k, v in state.items()}
+    state.update({f"vae.{k}": v for k, v in tiny.vae.state_dict().items()})
+    state.update({f"te.{k}": v for k, v in tiny.text_encoder.state_dict().items()
+                  if "token_embedding" not in k})
+    for key, value in state.items():
+        assert torch.equal(value, frozen[key]), f"base weight {key} changed"
+
+
+def test_outputs_and_file_formats(tiny, tmp_path):
+    result = make_trainer(tiny, tmp_path, rank=4, alpha=8.0).run("pair")
+    files = result.files
+    for key in ("concepts", "lora_kohya", "<c0>", "<c1>", "loss_curve", "log", "mask_0", "mask_1"):
+        assert files[key].is_file(), key
+    assert (tmp_path / "checkpoint.pt").is_file()
+    kohya = load_file(files["lora_kohya"])
+    downs = [k for k in kohya if k.endswith(".lora_down.weight")]
+    assert downs and all(k.startswith("lora_unet_") for k in kohya)
+    for k in downs:
+        base = k[: -len(".lora_down.weight")]
+        assert float(kohya[f"{base}.alpha"]) == 8.0  # the real alpha, not the rank (4)
+        assert kohya[k].shape[0] == 4 and f"{base}.lora_up.weight" in kohya
+    emb = load_file(files["<c1>"])
+    assert list(emb) == [embedding_key("custom-32")] and emb["emb_params"].shape == (1, 32)
+    assert embedding_key("sd1") == "clip_l" and embedding_key("sd2") == "clip_h"
+    loaded = ConceptSet.load(files["concepts"])
+    assert [c.word for c in loaded.concepts] == ["cat", "dog"] and loaded.family == "custom-32"
+    assert loaded.masks.shape == (2, 16, 16) and loaded.alpha == 8.0 and loaded.rank == 4
+    assert loaded.training["steps"] == 4 and loaded.training["policy"] == "adaptive"
+    torch.testing.assert_close(loaded.embeddings, result.concept_set.embeddings)
+    log = json.loads(files["log"].read_text())
+    assert len(log["history"]) == 4 and "final_sampling_ratios" in log
+    assert Image.open(files["loss_curve"]).size == (640, 360)
+
+
+def test_kohya_export_loads_back_to_the_same_deltas(tiny, tmp_path):
+    result = make_trainer(tiny, tmp_path, rank=4, alpha=6.0).run("k")
+    kohya = load_file(result.files["lora_kohya"])
+    paths = [n for n, _ in tiny.unet.named_modules()]
+    state, alphas = from_kohya(kohya, paths)
+    original = lora_deltas(result.concept_set.lora, {p: 6.0 for p in alphas})
+    restored = lora_deltas(state, alphas)
+    assert original.keys() == restored.keys() and len(original) == len(alphas) > 0
+    for path in original:
+        torch.testing.assert_close(restored[path], original[path])
+    # and the delta is what PEFT applies: base + delta == the LoRA-wrapped layer's effective weight
+    path = next(iter(original))
+    layer = dict(tiny.unet.named_modules())[path]
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ original[path].T, atol=1e-5, rtol=1e-4)
+
+
+def test_save_load_generate_gives_identical_images(tiny, tmp_path):
+    result = make_trainer(tiny, tmp_path).run("g")
+    prompt = "a photo of <c1> on the beach"
+    trained = generate(tiny, [prompt], seed=3, steps=2)[0]
+    fresh = build_tiny_components(seed=0)
+    ConceptSet.load(result.files["concepts"]).apply(fresh)
+    again = generate(fresh, [prompt], seed=3, steps=2)[0]
+    assert np.array_equal(np.asarray(trained), np.asarray(again))
+    base = generate(build_tiny_components(seed=0), ["a photo of cat on the beach"], seed=3, steps=2)[0]
+    assert not np.array_equal(np.asarray(base), np.asarray(again))
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    full = build_tiny_components(seed=0)
+    reference = make_trainer(full, tmp_path / "a", steps=6, checkpoint_every=3)
+    reference.run("r")
+    expected = trained_state(full, reference.token_ids)
+
+    def stop_at_3(step, steps, record, ratios):
+        if step == 3:
+            raise TrainingCancelled()
+
+    first = build_tiny_components(seed=0)
+    with pytest.raises(TrainingCancelled):
+        make_trainer(first, tmp_path / "b", steps=6, checkpoint_every=3, callback=stop_at_3).run("r")
+    second = build_tiny_components(seed=0)
+    resumed = make_trainer(second, tmp_path / "b", steps=6, checkpoint_every=3)
+    assert resumed.resume() == 3
+    result = resumed.run("r")
+    got = trained_state(second, resumed.token_ids)
+    for name in expected[0]:
+        torch.testing.assert_close(got[0][name], expected[0][name], atol=0, rtol=0)
+    torch.testing.assert_close(got[1], expected[1], atol=0, rtol=0)
+    assert [h["step"] for h in result.history] == list(range(1, 7))
+
+
+def test_interruption_keeps_earlier_outputs_intact(tiny, tmp_path):
+    make_trainer(tiny, tmp_path).run("keep")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "checkpoint.pt"}
+
+    def boom(step, steps, record, ratios):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(build_tiny_components(seed=1), tmp_path, callback=boom, steps=3, checkpoint_every=1).run("keep")
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "checkpoint.pt"}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_failing_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+
+    def failing(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, failing)
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_two_phase_trains_embeddings_first(tiny, tmp_path):
+    trainer = make_trainer(tiny, tmp_path, steps=3, two_phase=True, phase1_steps=2)
+    lora_before, emb_before = trained_state(tiny, trainer.token_ids)
+    for step in range(2):
+        trainer.step(step)
+    lora_mid, emb_mid = trained_state(tiny, trainer.token_ids)
+    assert all(torch.equal(lora_mid[k], lora_before[k]) for k in lora_before)
+    assert not torch.equal(emb_mid, emb_before)
+    trainer.step(2)
+    lora_after, _ = trained_state(tiny, trainer.token_ids)
+    assert any(not torch.equal(lora_after[k], lora_mid[k]) for k in lora_mid)
+
+
+def test_v_prediction_models_train(tmp_path):
+    comps = build_tiny_components(prediction_type="v_prediction")
+    result = make_trainer(comps, tmp_path, steps=2).run("v")
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+
+
+def test_mask_refresh_is_logged_and_kept_when_stable(tiny, tmp_path, planted_attention):
+    planted_attention(2)
+    trainer = make_trainer(tiny, tmp_path, masks="extract", steps=4, refresh_every=2)
+    trainer.run("refresh")
+    assert any("step 2: masks refreshed (SSIM 1.00, 1.00)" in e for e in trainer.events)
+    assert any("sampling ratios" in e for e in trainer.events)
+
+
+def test_mask_refresh_rejects_changed_masks(tiny, tmp_path, planted_attention):
+    planted_attention(2)
+    trainer = make_trainer(tiny, tmp_path, masks="user", steps=2, refresh_every=1)
+    trainer.masks = torch.roll(trainer.masks, shifts=5, dims=2)  # not what the attention now says
+    kept = trainer.masks.clone()
+    trainer.refresh_masks(1)
+    assert "rejected (SSIM" in trainer.events[-1] and torch.equal(trainer.masks, kept)
+
+
+def test_class_images_are_generated_once_then_cached(tiny, tmp_path, monkeypatch):
+    first = class_images(tiny, "a photo at the beach", 2, 64, steps=2, cache_dir=tmp_path)
+    assert len(first) == 2 and first[0].size == (64, 64)
+    monkeypatch.setattr("attencraft_core.generation.generate", lambda *a, **k: pytest.fail("regenerated"))
+    again = class_images(tiny, "a photo at the beach", 2, 64, steps=2, cache_dir=tmp_path)
+    assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first, again)] == [True, True]
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+def test_mask_count_must_match_concepts(tiny, tmp_path):
+    with pytest.raises(AttenCraftError, match="Got 3 masks for 2 concepts"):
+        Trainer(tiny, scene(), parse_concepts("cat, dog"), tmp_path, TrainOptions(steps=1),
+                user_masks=user_masks(3), class_images=class_imgs(), log=lambda s: None)
+
+
+def test_masks_of_another_size_are_resized_with_a_note(tiny, tmp_path):
+    masks = [m[::2, ::2] for m in user_masks(2)]  # 32x32 instead of 16x16 attention size
+    trainer = Trainer(tiny, scene(), parse_concepts("cat, dog"), tmp_path, TrainOptions(steps=1),
+                      user_masks=masks, class_images=class_imgs(), log=lambda s: None)
+    assert trainer.masks.shape == (2, 16, 16) and any("resized" in e for e in trainer.events)
+
+
+def test_all_zero_mask_is_refused(tiny, tmp_path):
+    masks = user_masks(2)
+    masks[1] = torch.zeros(64, 64)
+    with pytest.raises(AttenCraftError, match="mask for 'dog' \\(mask 2\\) is all black"):
+        Trainer(tiny, scene(), parse_concepts("cat, dog"), tmp_path, TrainOptions(steps=1), user_masks=masks,
+                class_images=class_imgs(), log=lambda s: None)
+
+
+def test_concept_file_from_another_family_is_refused(tiny, tmp_path):
+    result = make_trainer(tiny, tmp_path).run("fam")
+    other = build_tiny_components(text_dim=48)
+    with pytest.raises(AttenCraftError, match="trained on a custom-32 model but the model given is custom-48"):
+        ConceptSet.load(result.files["concepts"]).apply(other)
+
+
+def test_prompt_with_an_undefined_placeholder(tiny, tmp_path):
+    result = make_trainer(tiny, tmp_path).run("p")
+    with pytest.raises(AttenCraftError, match="uses <c2>, which this concept file does not define"):
+        ConceptSet.load(result.files["concepts"]).check_prompt("a photo of <c2> and <c0>")
+
+
+def test_not_a_concept_file(tiny, tmp_path):
+    result = make_trainer(tiny, tmp_path).run("n")
+    with pytest.raises(AttenCraftError, match="not an AttenCraft concept file"):
+        ConceptSet.load(result.files["lora_kohya"])
+
+
+def test_unwritable_output_folder(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(AttenCraftError, match="is not writable"):
+        make_trainer(tiny, blocker / "out")
+
+
+def test_steps_below_one(tiny, tmp_path):
+    with pytest.raises(AttenCraftError, match="Steps must be at least 1"):
+        make_trainer(tiny, tmp_path, steps=0)
+
+
+def test_out_of_memory_names_the_options_that_lower_memory(tiny, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny, tmp_path)
+
+    def oom(step):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(trainer, "step", oom)
+    with pytest.raises(AttenCraftError, match="Out of memory at step 1.*gradient checkpointing, bf16"):
+        trainer.run("oom")
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+def test_train_and_generate_commands(tiny_model_dir, scene_png, tmp_path, capsys):
+    mask_paths = []
+    for i, mask in enumerate(user_masks(2)):
+        path = tmp_path / f"m{i}.png"
+        Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(path)
+        mask_paths.append(str(path))
+    cls = tmp_path / "class"
+    cls.mkdir()
+    class_imgs()[0].save(cls / "0.png")
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                 "--masks", ",".join(mask_paths), "--out", str(out), "--steps", "3", "--rank", "2",
+                 "--class-images", str(cls), "--name", "duo"])
+    assert code == 0
+    assert (out / "duo.safetensors").is_file() and (out / "duo_loss.png").is_file()
+    image = tmp_path / "gen.png"
+    code = main(["generate", "--model", str(tiny_model_dir), "--concepts", str(out / "duo.safetensors"),
+                 "--prompt", "a photo of <c0> on the beach", "--out", str(image), "--steps", "2"])
+    assert code == 0 and Image.open(image).size == (64, 64)
+    code = main(["generate", "--model", str(tiny_model_dir), "--concepts", str(out / "duo.safetensors"),
+                 "--prompt", "a photo of <c5>", "--out", str(image), "--steps", "2"])
+    assert code == 2 and "does not define" in capsys.readouterr().err
+    code = main(["train", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                 "--masks", mask_paths[0], "--out", str(out), "--steps", "3", "--class-images", str(cls)])
+    assert code == 2 and "Got 1 masks for 2 concepts" in capsys.readouterr().err

@@ -16,7 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="torch device, e.g. cpu or cuda:0; auto picks the available accelerator (default auto)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="weight precision on an accelerator; the CPU always uses fp32 (default fp32)")
+                   help="precision on an accelerator (weights for masks/generate, autocast for train); the CPU "
+                        "always uses fp32 (default fp32)")
 
 
 def _add_mask_args(p: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
@@ -48,12 +49,16 @@ def _mask_options(args):
                        self_factor=args.self_factor, resolution=args.resolution)
 
 
-def _load(args):
+def _load(args, train: bool = False):
+    """Load --model on --device; training keeps fp32 master weights (--precision then sets autocast)."""
+    import torch
+
     from .devices import resolve_device, resolve_dtype
     from .model_loading import load_components
 
     device = resolve_device(args.device)
-    return load_components(args.model, device, resolve_dtype(args.precision, device), progress=True)
+    dtype = torch.float32 if train else resolve_dtype(args.precision, device)
+    return load_components(args.model, device, dtype, progress=True)
 
 
 def cmd_masks(args) -> int:
@@ -125,7 +130,7 @@ def cmd_train(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, resolution=args.resolution, masks=_mask_options(args))
     opts.check()
     out = ensure_out_dir(args.out)
-    comps = _load(args)
+    comps = _load(args, train=True)
     for note in notes:
         print(f"note: {note}")
     trainer = Trainer(comps, image, concepts, out, opts, user_masks=user_masks, class_images=class_imgs,

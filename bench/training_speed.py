@@ -1,0 +1,178 @@
+"""Benchmark: seconds per AttenCraft training step vs a plain LoRA step, and mask extraction vs one forward.
+
+Same UNet, latent size and LoRA targets for both steps (batch = instance + prior image). Random weights with
+the real SD geometry: `--family sd1` (SD 1.5 UNet, 860 M) or `sd2` (SD 2.1-base). Prints a table; not a test.
+
+    python bench/training_speed.py                                # CPU, SD 1.5 shape, 256 px
+    python bench/training_speed.py --family sd2 --resolution 512 --device cuda \
+        --precisions fp32,bf16,bf16+gc --steps 5                  # the GPU run (one call)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from attencraft_core import AttenCraftError, parse_concepts  # noqa: E402
+from attencraft_core.concepts import add_concept_tokens  # noqa: E402
+from attencraft_core.devices import resolve_device  # noqa: E402
+from attencraft_core.encoding import encode_prompts  # noqa: E402
+from attencraft_core.masks import MaskOptions, masks_from_latents  # noqa: E402
+from attencraft_core.model_loading import SDComponents  # noqa: E402
+from attencraft_core.tiny_models import build_word_tokenizer  # noqa: E402
+from attencraft_core.training import Trainer, TrainOptions  # noqa: E402
+
+SHAPES = {
+    "sd1": dict(cross_attention_dim=768, attention_head_dim=8, text_layers=12, text_heads=12),
+    "sd2": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), text_layers=23, text_heads=16,
+                use_linear_projection=True),
+}
+
+
+def build(family: str, resolution: int) -> SDComponents:
+    """SD-shaped random components: full-size UNet and text encoder, a small VAE with the SD latent layout."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    shape = dict(SHAPES[family])
+    text_layers, text_heads = shape.pop("text_layers"), shape.pop("text_heads")
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer()
+    unet = UNet2DConditionModel(sample_size=resolution // 8, **shape)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
+    dim = shape["cross_attention_dim"]
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=4 * dim,
+                                        num_hidden_layers=text_layers, num_attention_heads=text_heads,
+                                        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for m in (unet, vae, text):
+        m.requires_grad_(False).eval()
+    return SDComponents(unet, vae, text, tokenizer, sched, source=f"random-{family}")
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    sync = getattr(torch, device.type, None)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if sync is not None and hasattr(sync, "synchronize"):
+            sync.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]  # median
+
+
+def peak_memory(device: torch.device) -> str:
+    mod = getattr(torch, device.type, None)
+    if mod is None or not hasattr(mod, "max_memory_allocated"):
+        return "n/a"
+    return f"{mod.max_memory_allocated() / 2**30:.2f} GiB"
+
+
+def reset_peak(device: torch.device) -> None:
+    mod = getattr(torch, device.type, None)
+    if mod is not None and hasattr(mod, "reset_peak_memory_stats"):
+        mod.reset_peak_memory_stats()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="sd1", choices=list(SHAPES))
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, fp16, bf16+gc (gc = gradient checkpointing)")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    print(f"device: {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}); {args.family}-shaped random UNet, {args.resolution} px")
+    comps = build(args.family, args.resolution).to(device)
+    print(f"UNet parameters: {sum(p.numel() for p in comps.unet.parameters()) / 1e6:.0f} M")
+    image = Image.new("RGB", (args.resolution, args.resolution), (128, 128, 128))
+    masks = [torch.zeros(args.resolution, args.resolution) for _ in range(2)]
+    masks[0][: args.resolution // 2] = 1
+    masks[1][args.resolution // 2:] = 1
+    concepts = parse_concepts("cat, dog")
+
+    # mask extraction vs one UNet forward (batch 1, fp32)
+    add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
+    latents = torch.randn(1, 4, args.resolution // 8, args.resolution // 8, device=device)
+    emb = encode_prompts(comps, ["a photo of <c0> and <c1>"])
+    t = torch.tensor([100], device=device)
+
+    def forward():
+        with torch.no_grad():
+            comps.unet(latents, t, emb)
+
+    def extract():
+        try:
+            masks_from_latents(comps, latents, concepts, MaskOptions(), torch.Generator().manual_seed(0))
+        except AttenCraftError:
+            pass  # random attention may not separate the concepts; the work is done by then
+
+    forward()
+    t_fwd = timed(forward, args.steps, device)
+    t_mask = timed(extract, args.steps, device)
+    print("\n| measure | seconds | ratio |\n| --- | --- | --- |")
+    print(f"| one UNet forward (batch 1) | {t_fwd:.2f} | 1.00 |")
+    print(f"| mask extraction | {t_mask:.2f} | {t_mask / t_fwd:.2f} |")
+
+    print("\n| precision | AttenCraft step s | plain LoRA step s | ratio | peak memory (AttenCraft) |")
+    print("| --- | --- | --- | --- | --- |")
+    for variant in args.precisions.split(","):
+        precision, _, gc = variant.partition("+")
+        comps_v = build(args.family, args.resolution).to(device)
+        opts = TrainOptions(steps=10_000, checkpoint_every=10_000, refresh_every=0, precision=precision,
+                            gradient_checkpointing=gc == "gc", masks=MaskOptions())
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / "attencraft-bench"
+        trainer = Trainer(comps_v, image, concepts, out, opts, user_masks=masks, class_images=[image],
+                          log=lambda s: None)
+        reset_peak(device)
+        counter = iter(range(10_000))
+        trainer.step(next(counter))  # warm-up
+        t_ac = timed(lambda: trainer.step(next(counter)), args.steps, device)
+        mem = peak_memory(device)
+
+        # plain LoRA fine-tuning step on the same UNet + LoRA: batch 2, MSE, fused attention, frozen text
+        unet = comps_v.unet
+        params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        with torch.no_grad():
+            text = encode_prompts(comps_v, ["a photo of <c0> and <c1>", "a photo at the beach"])
+        lat = torch.randn(2, 4, args.resolution // 8, args.resolution // 8, device=device)
+
+        def plain_step():
+            noise = torch.randn_like(lat)
+            ts = torch.randint(0, 1000, (2,), device=device)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type != "cpu"):
+                pred = unet(comps_v.noise_scheduler.add_noise(lat, noise, ts), ts, text).sample
+            F.mse_loss(pred.float(), noise).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        plain_step()
+        t_plain = timed(plain_step, args.steps, device)
+        print(f"| {variant} | {t_ac:.2f} | {t_plain:.2f} | {t_ac / t_plain:.2f} | {mem} |")
+        del trainer, comps_v, opt
+
+
+if __name__ == "__main__":
+    main()

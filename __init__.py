@@ -1,8 +1,12 @@
 """ComfyUI entry point of the AttenCraft node pack (ComfyUI loads this file by path).
 
-The nodes arrive with the node-pack issue; until then the pack registers none.
+V3 schema only: ComfyUI calls comfy_entrypoint(); no NODE_CLASS_MAPPINGS (a pack exporting both is loaded as V1).
+Outside ComfyUI (pytest imports this package's __init__ too) there is nothing to register.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+import importlib.util
+
+if importlib.util.find_spec("comfy_api") is not None:
+    from .nodes.attencraft_nodes import comfy_entrypoint
+
+    __all__ = ["comfy_entrypoint"]

@@ -116,17 +116,23 @@ class ConceptSet:
             table[ids] = self.embeddings.to(table)
         load_lora_state_dict(comps.unet, self.lora, self.rank, self.alpha, self.targets)
 
-    def export(self, out_dir: str | Path, name: str) -> dict[str, Path]:
-        """Write the concept set, the kohya LoRA and one textual-inversion file per concept."""
-        out = Path(out_dir)
-        files = {"concepts": self.save(out / f"{name}.safetensors")}
+    def save_kohya(self, path: str | Path) -> Path:
+        """The LoRA in kohya format (what ComfyUI's LoraLoader and A1111 read), alpha = the real LoRA alpha."""
         meta = {"ss_network_dim": str(self.rank), "ss_network_alpha": str(self.alpha),
                 "attencraft_concepts": json.dumps(self.placeholders)}
-        files["lora_kohya"] = _save_safetensors(out / f"{name}_lora_kohya.safetensors",
-                                                to_kohya(self.lora, self.alpha), meta)
-        key = embedding_key(self.family)
-        for i, (concept, emb) in enumerate(zip(self.concepts, self.embeddings)):
-            files[concept.placeholder] = _save_safetensors(
-                out / f"{name}_c{i}.safetensors", {key: emb.float()[None]},
-                {"word": concept.word, "placeholder": concept.placeholder})
+        return _save_safetensors(Path(path), to_kohya(self.lora, self.alpha), meta)
+
+    def save_embedding(self, index: int, path: str | Path) -> Path:
+        """Concept `index` as a textual-inversion file: {clip_l|clip_h|emb_params: [1, dim]}."""
+        concept = self.concepts[index]
+        return _save_safetensors(Path(path), {embedding_key(self.family): self.embeddings[index].float()[None]},
+                                 {"word": concept.word, "placeholder": concept.placeholder})
+
+    def export(self, out_dir: str | Path, name: str) -> dict[str, Path]:
+        """Write the concept set, the kohya LoRA and one textual-inversion file per concept into one folder."""
+        out = Path(out_dir)
+        files = {"concepts": self.save(out / f"{name}.safetensors"),
+                 "lora_kohya": self.save_kohya(out / f"{name}_lora_kohya.safetensors")}
+        for i, concept in enumerate(self.concepts):
+            files[concept.placeholder] = self.save_embedding(i, out / f"{name}_c{i}.safetensors")
         return files

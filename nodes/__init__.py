@@ -1,1 +1,1 @@
-"""ComfyUI nodes and the ComfyUI <-> diffusers bridge (to come; the core never imports ComfyUI)."""
+"""ComfyUI nodes (`attencraft_nodes`), their plain logic (`logic`) and the ComfyUI -> diffusers bridge (`bridge`)."""

@@ -1,0 +1,237 @@
+"""The AttenCraft nodes in ComfyUI's V3 schema. Heavy imports happen inside execute()."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from comfy_api.latest import ComfyExtension, io, ui
+
+CATEGORY = "AttenCraft"
+Concepts = io.Custom("ATTENCRAFT_CONCEPTS")
+ConceptSetType = io.Custom("ATTENCRAFT_CONCEPT_SET")
+SETS_FOLDER = "attencraft"
+NO_FILE = "(none: use the concept_set input)"
+
+
+def _register_folder() -> str:
+    """models/attencraft holds the concept-set files; registered once with ComfyUI's folder_paths."""
+    import folder_paths
+
+    if SETS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[SETS_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, SETS_FOLDER)], {".safetensors"})
+    return folder_paths.get_folder_paths(SETS_FOLDER)[0]
+
+
+def _saved_sets() -> list[str]:
+    import folder_paths
+
+    _register_folder()
+    return [NO_FILE] + sorted(f for f in folder_paths.get_filename_list(SETS_FOLDER) if "class_images" not in f)
+
+
+def _mask_inputs() -> list:
+    return [
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                     tooltip="Seed of the timestep and noise of the one mask-initialization step."),
+        io.Int.Input("t_min", default=0, min=0, max=999, tooltip="Smallest timestep drawn (default 0)."),
+        io.Int.Input("t_max", default=300, min=1, max=1000,
+                     tooltip="Timesteps are drawn from [t_min, t_max); low noise keeps the objects visible."),
+        io.Float.Input("threshold", default=0.1, min=0.0, max=0.99, step=0.01,
+                       tooltip="Margin by which a concept's attention must beat every other map (and the "
+                               "background) for a pixel to join its mask."),
+    ]
+
+
+class ExtractConceptMasks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AttenCraftExtractConceptMasks", display_name="AttenCraft Extract Concept Masks",
+            category=CATEGORY,
+            description="Finds each named concept in the image from the model's own attention (one step, no "
+                        "segmentation model).",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL from Load Checkpoint."),
+                io.Clip.Input("clip", tooltip="The CLIP from the same checkpoint."),
+                io.Vae.Input("vae", tooltip="The VAE from the same checkpoint."),
+                io.Image.Input("image", tooltip="One image showing every concept."),
+                io.String.Input("concepts", default="cat, dog",
+                                tooltip="One word per concept, comma-separated, at least two. Each word also "
+                                        "initialises that concept's token."),
+                *_mask_inputs(),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="masks", tooltip="One mask per concept (batch), at the image's size."),
+                io.Image.Output(display_name="overlay", tooltip="The image with each mask tinted in its colour."),
+                Concepts.Output(display_name="concepts",
+                                tooltip="Masks, words and attention scores for Train AttenCraft LoRA."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, concepts, seed, t_min, t_max, threshold) -> io.NodeOutput:
+        import torch
+
+        from .bridge import components_from_comfy
+        from .logic import extract
+
+        with torch.inference_mode(False):
+            comps = components_from_comfy(model, clip, vae)
+            masks, preview, value = extract(comps, image.clone(), concepts, seed, t_min, t_max, threshold)
+        for note in value.notes:
+            logging.info("AttenCraft: %s", note)
+        return io.NodeOutput(masks, preview, value, ui=ui.PreviewImage(preview, cls=cls))
+
+
+class TrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AttenCraftTrainLoRA", display_name="AttenCraft Train LoRA", category=CATEGORY,
+            description="Learns every concept of the image: concept embeddings + a LoRA with masked and attention "
+                        "losses. Writes loras/attencraft/<name>.safetensors, embeddings/<name>_c<i>.safetensors "
+                        "and models/attencraft/<name>.safetensors.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL from Load Checkpoint (not changed)."),
+                io.Clip.Input("clip", tooltip="The CLIP from the same checkpoint (not changed)."),
+                io.Vae.Input("vae", tooltip="The VAE from the same checkpoint."),
+                io.Image.Input("image", tooltip="The image showing every concept."),
+                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Training steps (paper: 500)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5,
+                               tooltip="AdamW learning rate for LoRA and embeddings (paper: 1e-4)."),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (alpha = rank)."),
+                io.Combo.Input("sampling_policy", options=["adaptive", "uniform", "union"], default="adaptive",
+                               tooltip="adaptive: show the concept the model attends to less more often; uniform: "
+                                       "equal shares; union: Break-A-Scene's random subsets."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Training seed."),
+                io.String.Input("name", default="attencraft_concepts",
+                                tooltip="Base name of the files written (letters, digits, space, - _ .)."),
+                Concepts.Input("concepts", optional=True,
+                               tooltip="From Extract Concept Masks. Or leave empty and give masks + words."),
+                io.Mask.Input("masks", optional=True, tooltip="Your own masks, one per concept, in word order."),
+                io.String.Input("concept_words", default="", optional=True,
+                                tooltip="Words for your own masks, e.g. \"cat, dog\" (ignored with concepts)."),
+                io.Image.Input("prior_images", optional=True,
+                               tooltip="Class images for prior preservation; if empty, generated once with the "
+                                       "base model and cached."),
+            ],
+            outputs=[
+                ConceptSetType.Output(display_name="concept_set", tooltip="The trained concepts, for Apply Concepts."),
+                io.String.Output(display_name="lora_name", tooltip="The LoRA's name in the loras list."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, steps, learning_rate, rank, sampling_policy, seed, name,
+                concepts=None, masks=None, concept_words="", prior_images=None) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+        import folder_paths
+        import torch
+        from PIL import Image
+
+        from ..attencraft_core.training import Trainer, TrainOptions
+        from .bridge import components_from_comfy
+        from .logic import (TrainedConcepts, check_name, comfy_file_paths, image_from_comfy, image_to_comfy,
+                            images_from_comfy, training_inputs, write_comfy_files)
+
+        name = check_name(name)
+        sets_dir = _register_folder()
+        with torch.inference_mode(False):
+            concept_list, user_masks = training_inputs(concepts, masks.clone() if masks is not None else None,
+                                                       concept_words or "")
+            paths = comfy_file_paths(name, folder_paths.get_folder_paths("loras")[0],
+                                     folder_paths.get_folder_paths("embeddings")[0], sets_dir, len(concept_list))
+            pil, _ = image_from_comfy(image.clone())
+            priors = images_from_comfy(prior_images.clone() if prior_images is not None else None)
+            comps = components_from_comfy(model, clip, vae)
+            bar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id)
+
+            def progress(step, total, record, ratios):
+                bar.update_absolute(step, total)
+                mm.throw_exception_if_processing_interrupted()
+
+            opts = TrainOptions(steps=steps, lr=learning_rate, rank=rank, policy=sampling_policy, seed=seed,
+                                checkpoint_every=max(1, min(100, steps // 10)))
+            trainer = Trainer(comps, pil, concept_list, os.path.join(sets_dir, f"{name}_run"), opts,
+                              user_masks=user_masks, class_images=priors,
+                              cache_dir=os.path.join(sets_dir, "class_images"), callback=progress,
+                              log=lambda line: logging.info("AttenCraft: %s", line))
+            result = trainer.run(name)
+            write_comfy_files(result.concept_set, paths)
+            curve = image_to_comfy(Image.open(result.files["loss_curve"]))
+        lora_name = f"attencraft/{name}.safetensors"
+        return io.NodeOutput(TrainedConcepts(result.concept_set, name), lora_name, curve,
+                             ui=ui.PreviewImage(curve, cls=cls))
+
+
+class ApplyConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AttenCraftApplyConcepts", display_name="AttenCraft Apply Concepts", category=CATEGORY,
+            description="Applies a trained concept set's LoRA with ComfyUI's own LoRA loading and makes its "
+                        "concepts usable in CLIP Text Encode as embedding:<name>_c<i>.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base MODEL the concepts were trained on."),
+                io.Clip.Input("clip", tooltip="The CLIP of that checkpoint."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="LoRA strength on the MODEL."),
+                io.Combo.Input("saved_concept_set", options=_saved_sets(), default=NO_FILE,
+                               tooltip="A concept set from models/attencraft (used when concept_set is empty)."),
+                ConceptSetType.Input("concept_set", optional=True, tooltip="From Train AttenCraft LoRA."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The MODEL with the concepts' LoRA."),
+                io.Clip.Output(display_name="clip", tooltip="The CLIP (concept embeddings load by name)."),
+                io.String.Output(display_name="prompt_syntax",
+                                 tooltip="How to write each concept in CLIP Text Encode."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, strength, saved_concept_set, concept_set=None) -> io.NodeOutput:
+        import comfy.lora
+        import comfy.sd
+        import folder_paths
+
+        from ..attencraft_core.concept_file import ConceptSet
+        from ..attencraft_core.errors import AttenCraftError
+        from ..attencraft_core.lora import to_kohya
+        from .logic import TrainedConcepts, check_lora_keys, check_name, prompt_syntax
+
+        _register_folder()
+        if concept_set is None:
+            if saved_concept_set == NO_FILE:
+                raise AttenCraftError("Choose a saved concept set, or connect Train AttenCraft LoRA's concept_set.")
+            path = folder_paths.get_full_path(SETS_FOLDER, saved_concept_set)
+            if path is None:
+                raise AttenCraftError(f"Concept set {saved_concept_set!r} is not in models/{SETS_FOLDER}.")
+            concept_set = TrainedConcepts(ConceptSet.load(path), check_name(os.path.splitext(saved_concept_set)[0]))
+        cs, name = concept_set.concept_set, concept_set.name
+        context = model.model.model_config.unet_config.get("context_dim")
+        if context != cs.embeddings.shape[1]:
+            raise AttenCraftError(f"This concept set was trained on a {cs.family} model ({cs.embeddings.shape[1]}-d "
+                                  f"text) but the MODEL takes {context}-d text: load the base model it was trained on.")
+        embeddings_dir = folder_paths.get_folder_paths("embeddings")[0]
+        for i in range(len(cs.concepts)):  # a set copied from elsewhere brings its embeddings along
+            target = os.path.join(embeddings_dir, f"{name}_c{i}.safetensors")
+            if not os.path.exists(target):
+                cs.save_embedding(i, target)
+        kohya = to_kohya(cs.lora, cs.alpha)
+        check_lora_keys(kohya, comfy.lora.model_lora_keys_unet(model.model, {}))
+        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, kohya, strength, 0.0)
+        return io.NodeOutput(new_model, new_clip, prompt_syntax(cs, name), ui=ui.PreviewText(prompt_syntax(cs, name)))
+
+
+class AttenCraftExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [ExtractConceptMasks, TrainLoRA, ApplyConcepts]
+
+
+async def comfy_entrypoint() -> AttenCraftExtension:
+    return AttenCraftExtension()

@@ -1,0 +1,131 @@
+"""Helpers for the tests that run against a real ComfyUI (COMFYUI_DIR): the pack as a package, a tiny
+SD-1.5-detected checkpoint, and a server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "attencraft_pack"
+
+
+def load_pack():
+    """The repository as the package ComfyUI sees (relative imports), without running its __init__."""
+    if PACK not in sys.modules:
+        module = types.ModuleType(PACK)
+        module.__path__ = [str(ROOT)]
+        sys.modules[PACK] = module
+    return importlib.import_module(PACK)
+
+
+def comfy_dir() -> Path | None:
+    value = os.environ.get("COMFYUI_DIR")
+    return Path(value) if value else None
+
+
+def add_comfy_to_path() -> None:
+    """Make ComfyUI importable in this process, set to the CPU (as `main.py --cpu`)."""
+    path = str(comfy_dir())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+TINY_UNET = dict(sample_size=64, block_out_channels=(320, 320, 320), layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=768, attention_head_dim=8)
+COMFY_UNET_CONFIG = dict(num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[1, 1, 1],
+                         transformer_depth_output=[1] * 6, transformer_depth_middle=1)
+
+
+def build_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A single-file checkpoint ComfyUI detects as SD 1.5: small UNet (320 channels, 768 context), full-size
+    random CLIP-L and VAE (their sizes are fixed by detection). About 500 MB in fp16; never committed."""
+    add_comfy_to_path()
+    import comfy.diffusers_convert
+    import comfy.utils
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    diff_sd = unet.state_dict()
+    state = {f"model.diffusion_model.{v}": diff_sd[k] for k, v in
+             comfy.utils.unet_to_diffusers(COMFY_UNET_CONFIG).items() if k in diff_sd}
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4)
+    vae_sd = comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict())
+    state.update({f"first_stage_model.{k}": v for k, v in vae_sd.items()})
+    config = json.loads((comfy_dir() / "comfy" / "sd1_clip_config.json").read_text())
+    text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
+    state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.state_dict().items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """ComfyUI started headless on 127.0.0.1 with --cpu and the pack loaded via --extra-model-paths-config."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        nodes = base / "pack_dir"
+        nodes.mkdir(parents=True, exist_ok=True)
+        link = nodes / "attencraft"
+        if not link.exists():
+            link.symlink_to(ROOT, target_is_directory=True)
+        (base / "custom_nodes").mkdir(exist_ok=True)
+        self.config = base / "extra_model_paths.yaml"
+        self.config.write_text(f"attencraft_test:\n  custom_nodes: {nodes}\n")
+        self.log = open(base / "comfyui.log", "w")
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(base), "--extra-model-paths-config", str(self.config),
+             "--disable-auto-launch"],
+            cwd=comfy_dir(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/system_stats", timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError("ComfyUI did not start in 180 s")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()

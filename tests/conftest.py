@@ -65,9 +65,10 @@ def planted_attention(monkeypatch):
 
     Call it with N; it returns the blobs at 16x16 (the tiny model's self-attention side for 32x32 latents).
     """
-    from attencraft_core.attention import AttentionStore
+    def plant(n: int, store_cls=None):
+        from attencraft_core.attention import AttentionStore
 
-    def plant(n: int):
+        AttentionStore = store_cls or AttentionStore  # noqa: N806 (the pack's copy when testing nodes/)
         original = AttentionStore.add
 
         def add(self, kind, probs, heads):

@@ -1,0 +1,110 @@
+"""The ComfyUI nodes' logic as plain functions on the tiny model (no ComfyUI needed)."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_support import load_pack
+from conftest import quadrant_blobs, two_object_array
+
+load_pack()
+from attencraft_pack.attencraft_core.attention import AttentionStore  # noqa: E402
+from attencraft_pack.attencraft_core.concept_file import ConceptSet  # noqa: E402
+from attencraft_pack.attencraft_core.concepts import Concept  # noqa: E402
+from attencraft_pack.attencraft_core.errors import AttenCraftError  # noqa: E402
+from attencraft_pack.nodes import logic  # noqa: E402
+
+
+def comfy_image(array):
+    return torch.from_numpy(array.astype(np.float32) / 255.0)[None]
+
+
+def test_comfy_image_conversion_and_notes():
+    rgba = np.concatenate([two_object_array(), np.full((64, 64, 1), 255, np.uint8)], -1)
+    image, notes = logic.image_from_comfy(torch.cat([comfy_image(rgba)] * 2))
+    assert image.mode == "RGB" and image.size == (64, 64)
+    assert any("first one is used" in n for n in notes) and any("RGBA" in n for n in notes)
+    back = logic.image_to_comfy(image)
+    assert back.shape == (1, 64, 64, 3) and torch.allclose(back, comfy_image(two_object_array()), atol=1 / 255)
+    with pytest.raises(AttenCraftError, match="No image"):
+        logic.image_from_comfy(torch.zeros(0, 64, 64, 3))
+
+
+def test_extract_gives_masks_overlay_and_concepts(tiny, planted_attention):
+    blobs = planted_attention(2, AttentionStore)
+    masks, preview, value = logic.extract(tiny, comfy_image(two_object_array()), "cat, dog", 0, 0, 300, 0.1)
+    assert masks.shape == (2, 64, 64) and masks.dtype == torch.float32
+    assert preview.shape == (1, 64, 64, 3) and 0 <= float(preview.min()) and float(preview.max()) <= 1
+    assert [c.word for c in value.concepts] == ["cat", "dog"] and len(value.scores) == 2
+    low = torch.nn.functional.interpolate(masks[None], size=(16, 16), mode="area")[0] > 0.5
+    assert float((low == blobs).float().mean()) > 0.95
+    with pytest.raises(AttenCraftError, match="at least two concepts"):
+        logic.extract(tiny, comfy_image(two_object_array()), "cat", 0, 0, 300, 0.1)
+
+
+def test_training_inputs_from_either_source():
+    extracted = logic.ExtractedConcepts([Concept("cat", "<c0>"), Concept("dog", "<c1>")],
+                                        quadrant_blobs(64, 2), [0.5, 0.5], [])
+    concepts, masks = logic.training_inputs(extracted, None, "")
+    assert [c.word for c in concepts] == ["cat", "dog"] and len(masks) == 2
+    concepts, masks = logic.training_inputs(None, quadrant_blobs(64, 3), "a, b, c")
+    assert [c.placeholder for c in concepts] == ["<c0>", "<c1>", "<c2>"] and len(masks) == 3
+    with pytest.raises(AttenCraftError, match="Connect the concepts output"):
+        logic.training_inputs(None, None, "")
+
+
+@pytest.mark.parametrize("name", ["../evil", "/abs/path", "a/b", "a\\b", "", "..", " ", "x" * 70])
+def test_names_that_escape_the_folder_are_refused(name):
+    with pytest.raises(AttenCraftError, match="is not allowed"):
+        logic.check_name(name)
+
+
+def test_good_names_pass():
+    assert logic.check_name(" my concepts_v1.2 ") == "my concepts_v1.2"
+
+
+def concept_set(family, dim, tiny_unet=None):
+    lora = {}
+    if tiny_unet is not None:
+        from attencraft_pack.attencraft_core.lora import add_lora, lora_state_dict
+        add_lora(tiny_unet, rank=2, alpha=4.0)
+        lora = lora_state_dict(tiny_unet)
+    return ConceptSet([Concept("cat", "<c0>"), Concept("dog", "<c1>")], torch.randn(2, dim), lora, 2, 4.0, "kv",
+                      family)
+
+
+def test_files_land_in_comfyui_folders_with_the_keys_its_loaders_read(tiny, tmp_path):
+    cs = concept_set("sd1", 768, tiny.unet)
+    paths = logic.comfy_file_paths("duo", tmp_path / "loras", tmp_path / "embeddings", tmp_path / "sets", 2)
+    logic.write_comfy_files(cs, paths)
+    assert paths["lora"] == tmp_path / "loras" / "attencraft" / "duo.safetensors"
+    assert ConceptSet.load(tmp_path / "sets" / "duo.safetensors").family == "sd1"
+    for i in range(2):
+        emb = load_file(tmp_path / "embeddings" / f"duo_c{i}.safetensors")
+        assert list(emb) == ["clip_l"] and emb["clip_l"].shape == (1, 768)
+        torch.testing.assert_close(emb["clip_l"][0], cs.embeddings[i])
+    # ComfyUI maps "lora_unet_" + diffusers module path with "_" onto UNet weights (comfy.lora.model_lora_keys_unet)
+    key_map = {"lora_unet_" + n.replace(".", "_"): n for n, m in tiny.unet.named_modules() if hasattr(m, "weight")}
+    kohya = load_file(paths["lora"])
+    logic.check_lora_keys(kohya, key_map)
+    suffixes = {k.split(".", 1)[1] for k in kohya}
+    assert suffixes == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert all(float(v) == 4.0 for k, v in kohya.items() if k.endswith(".alpha"))
+
+
+def test_sd2_embeddings_use_clip_h(tmp_path):
+    cs = concept_set("sd2", 1024)
+    cs.save_embedding(1, tmp_path / "e.safetensors")
+    assert load_file(tmp_path / "e.safetensors")["clip_h"].shape == (1, 1024)
+
+
+def test_unknown_lora_keys_are_an_error():
+    with pytest.raises(AttenCraftError, match="1 LoRA layers do not match this MODEL"):
+        logic.check_lora_keys({"lora_unet_nowhere.lora_down.weight": torch.zeros(1)}, {"lora_unet_x": "x"})
+
+
+def test_prompt_syntax_names_every_concept():
+    text = logic.prompt_syntax(concept_set("sd1", 768), "duo")
+    assert "<c0> (cat): embedding:duo_c0" in text and "<c1> (dog): embedding:duo_c1" in text
+    assert "a photo of embedding:duo_c0 and embedding:duo_c1" in text

@@ -14,6 +14,16 @@ SETS_FOLDER = "attencraft"
 NO_FILE = "(none: use the concept_set input)"
 
 
+def _require_dependencies() -> None:
+    """A readable node error when the pack's requirements are not installed in ComfyUI's Python."""
+    import importlib.util
+
+    missing = [m for m in ("diffusers", "transformers", "peft", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"AttenCraft needs {', '.join(missing)}: run `pip install -r requirements.txt` from "
+                           "custom_nodes/comfyui-attencraft with ComfyUI's Python, then restart ComfyUI.")
+
+
 def _register_folder() -> str:
     """models/attencraft holds the concept-set files; registered once with ComfyUI's folder_paths."""
     import folder_paths
@@ -72,6 +82,7 @@ class ExtractConceptMasks(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, concepts, seed, t_min, t_max, threshold) -> io.NodeOutput:
+        _require_dependencies()
         import torch
 
         from .bridge import components_from_comfy
@@ -128,6 +139,7 @@ class TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, steps, learning_rate, rank, sampling_policy, seed, name,
                 concepts=None, masks=None, concept_words="", prior_images=None) -> io.NodeOutput:
+        _require_dependencies()
         import comfy.model_management as mm
         import comfy.utils
         import folder_paths
@@ -195,6 +207,7 @@ class ApplyConcepts(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, strength, saved_concept_set, concept_set=None) -> io.NodeOutput:
+        _require_dependencies()
         import comfy.lora
         import comfy.sd
         import folder_paths

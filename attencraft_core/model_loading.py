@@ -113,9 +113,9 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
     parts = {}
     loaders = {
         "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True),
-        "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, local_files_only=True),
-        "vae": lambda p: AutoencoderKL.from_pretrained(p, local_files_only=True),
-        "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True),
+        "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, local_files_only=True, dtype=dtype),
+        "vae": lambda p: AutoencoderKL.from_pretrained(p, local_files_only=True, torch_dtype=dtype),
+        "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype),
         "scheduler": lambda p: DDPMScheduler.from_pretrained(p, local_files_only=True),
     }
     for i, (name, load) in enumerate(loaders.items(), 1):

@@ -20,8 +20,38 @@ BASE_WORDS = ("a", "photo", "of", "and", "at", "the", "beach", "on", "in", "with
               "teddy", "bear", "ball", "red", "blue", "green", "circle", "star", "square", "background")
 
 
+def bpe_merges(words) -> list[tuple[str, str]]:
+    """Byte-pair merges learned on the word list itself, run until every word is one symbol.
+
+    Encoding a listed word with these merges replays its training segmentation, so it always ends as one
+    token (chaining each word's letters independently does not: one word's merge can break another's chain).
+    """
+    corpus = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in sorted(set(words))]
+    merges = []
+    while any(len(w) > 1 for w in corpus):
+        pairs: dict[tuple[str, str], int] = {}
+        for w in corpus:
+            for pair in zip(w, w[1:]):
+                pairs[pair] = pairs.get(pair, 0) + 1
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = []
+        for w in corpus:
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged.append(tuple(out))
+        corpus = merged
+    return merges
+
+
 def build_word_tokenizer(words=BASE_WORDS, max_length: int = 77):
-    """A CLIPTokenizer whose BPE merges make each given word one token; other words split into letters."""
+    """A CLIPTokenizer whose BPE merges make each given word one token; other words split into pieces."""
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {}
@@ -34,21 +64,14 @@ def build_word_tokenizer(words=BASE_WORDS, max_length: int = 77):
         add(c)
     for c in chars:
         add(c + "</w>")
-    merges: list[str] = []
-    for word in sorted(set(words), key=lambda w: (-len(w), w)):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            rule = f"{current} {piece}"
-            if rule not in merges:
-                merges.append(rule)
-            current += piece
-            add(current)
+    merges = bpe_merges(words)
+    for left, right in merges:
+        add(left + right)
     add("<|startoftext|>")
     add("<|endoftext|>")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
         return CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"),
                              model_max_length=max_length)
 

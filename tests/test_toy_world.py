@@ -1,0 +1,76 @@
+"""The toy world: exact rendering and masks, the held-out split, captions, and the judge's accuracy."""
+
+import random
+
+import numpy as np
+import pytest
+
+from attencraft_core.toy.judge import analyse
+from attencraft_core.toy.world import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES, SceneObject, allowed,
+                                       random_scene, render, shape_mask, training_caption)
+
+
+def test_square_pixels_are_exact():
+    mask = shape_mask("square", 32, 32, 20)
+    assert mask.sum() == 21 * 21  # PIL polygons include both edges: 22..42 inclusive
+    assert mask[22:43, 22:43].all() and not mask[:22].any() and not mask[43:].any()
+
+
+def test_ring_has_a_hole_and_every_shape_has_pixels():
+    ring = shape_mask("ring", 32, 32, 24)
+    assert not ring[32, 32] and ring[32, 22]
+    for shape in SHAPES:
+        assert 60 < shape_mask(shape, 32, 32, 20).sum() < 21 * 21 + 1
+
+
+def test_masks_are_exactly_the_object_pixels():
+    rng = random.Random(3)
+    for _ in range(30):
+        scene = random_scene(rng)
+        image = np.asarray(scene.image)
+        background = np.all(image == BACKGROUNDS[scene.background], axis=-1)
+        assert np.array_equal(~background, scene.masks.any(0))
+        assert scene.masks.sum(0).max() == 1  # objects never overlap
+        for obj, mask in zip(scene.objects, scene.masks):
+            if obj.pattern == "solid":
+                assert np.all(image[mask] == COLOURS[obj.colour])
+
+
+def test_pretraining_never_shows_held_out_appearances():
+    rng = random.Random(4)
+    for _ in range(200):
+        for obj in random_scene(rng).objects:
+            assert obj.pattern != "dotted" and (obj.shape, obj.colour) not in HELD_OUT_PAIRS
+    novel = [o for _ in range(50) for o in random_scene(rng, held_out=True).objects]
+    assert all(not allowed(o.shape, o.colour, o.pattern, held_out=False) for o in novel)
+
+
+def test_captions():
+    scene = render("grey", [SceneObject("star", "red", "dotted", 20, 20, 18),
+                            SceneObject("heart", "blue", "solid", 44, 44, 18)])
+    assert scene.caption == "a photo of a red dotted star and a blue heart"
+    rng = random.Random(0)
+    dropped = {training_caption(scene, rng) for _ in range(200)}
+    assert scene.caption in dropped and "a photo of a red dotted shape and a blue heart" in dropped
+
+
+def test_judge_accuracy_on_rendered_scenes():
+    rng = random.Random(11)
+    hits = {"shape": 0, "colour": 0, "pattern": 0}
+    total = found = 0
+    for i in range(120):
+        scene = random_scene(rng, held_out=i % 3 == 0)
+        detections = analyse(scene.image)
+        found += len(detections) == len(scene.objects)
+        for obj, mask in zip(scene.objects, scene.masks):
+            best = max(detections, key=lambda d: (d.mask & mask).sum())
+            total += 1
+            for key in hits:
+                hits[key] += getattr(best, key) == getattr(obj, key)
+    assert found == 120
+    for key, count in hits.items():
+        assert count / total >= 0.95, f"{key} accuracy {count / total:.3f}"
+
+
+def test_judge_on_an_empty_image():
+    assert analyse(np.full((64, 64, 3), 18, np.uint8)) == []

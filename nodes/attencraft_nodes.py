@@ -41,6 +41,16 @@ def _saved_sets() -> list[str]:
     return [NO_FILE] + sorted(f for f in folder_paths.get_filename_list(SETS_FOLDER) if "class_images" not in f)
 
 
+def _checkpoint_inputs(image_tooltip: str) -> list:
+    """MODEL, CLIP and VAE of one SD checkpoint (never changed by the pack) and the concepts' image."""
+    return [
+        io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL from Load Checkpoint (not changed)."),
+        io.Clip.Input("clip", tooltip="The CLIP from the same checkpoint (not changed)."),
+        io.Vae.Input("vae", tooltip="The VAE from the same checkpoint."),
+        io.Image.Input("image", tooltip=image_tooltip),
+    ]
+
+
 def _mask_inputs() -> list:
     return [
         io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
@@ -63,10 +73,7 @@ class ExtractConceptMasks(io.ComfyNode):
             description="Finds each named concept in the image from the model's own attention (one step, no "
                         "segmentation model).",
             inputs=[
-                io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL from Load Checkpoint."),
-                io.Clip.Input("clip", tooltip="The CLIP from the same checkpoint."),
-                io.Vae.Input("vae", tooltip="The VAE from the same checkpoint."),
-                io.Image.Input("image", tooltip="One image showing every concept."),
+                *_checkpoint_inputs("One image showing every concept."),
                 io.String.Input("concepts", default="cat, dog",
                                 tooltip="One word per concept, comma-separated, at least two. Each word also "
                                         "initialises that concept's token."),
@@ -105,10 +112,7 @@ class TrainLoRA(io.ComfyNode):
                         "losses. Writes loras/attencraft/<name>.safetensors, embeddings/<name>_c<i>.safetensors "
                         "and models/attencraft/<name>.safetensors.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL from Load Checkpoint (not changed)."),
-                io.Clip.Input("clip", tooltip="The CLIP from the same checkpoint (not changed)."),
-                io.Vae.Input("vae", tooltip="The VAE from the same checkpoint."),
-                io.Image.Input("image", tooltip="The image showing every concept."),
+                *_checkpoint_inputs("The image showing every concept."),
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Training steps (paper: 500)."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5,
                                tooltip="AdamW learning rate for LoRA and embeddings (paper: 1e-4)."),

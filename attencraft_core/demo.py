@@ -1,0 +1,128 @@
+"""The demo: masks -> training -> generations of each concept alone, together and in a new context, on the
+shipped toy model and a bundled scene (or on any SD model and image), with one contact sheet and a report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .concepts import parse_concepts
+from .errors import AttenCraftError
+from .outputs import ensure_out_dir, save_image, write_json
+
+EXAMPLE_SCENE = Path(__file__).resolve().parents[1] / "examples" / "toy_scene.json"
+TOY_CLASS_PROMPT = "a photo of a shape"
+
+
+def load_scene(path: Path = EXAMPLE_SCENE):
+    """The bundled toy scene (rendered, so its exact masks are known) and its concept words."""
+    from .toy.world import SceneObject, render
+
+    spec = json.loads(Path(path).read_text())
+    scene = render(spec["background"], [SceneObject(**o) for o in spec["objects"]])
+    return scene, spec["concepts"]
+
+
+def contact_sheet(rows: list[tuple[str, list[Image.Image]]], tile: int = 128) -> Image.Image:
+    """Labelled rows of images, each image scaled to `tile` px."""
+    columns = max(len(images) for _, images in rows)
+    label = 16
+    sheet = Image.new("RGB", (columns * tile, len(rows) * (tile + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (title, images) in enumerate(rows):
+        y = r * (tile + label)
+        draw.text((4, y + 2), title, fill="black")
+        for c, image in enumerate(images):
+            sheet.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (c * tile, y + label))
+    return sheet
+
+
+def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = None, steps: int | None = None,
+             images_per_prompt: int = 4, seed: int = 0, log=print) -> dict:
+    from .images import load_image, mask_to_image, overlay
+    from .masks import MaskOptions, extract_masks
+    from .model_loading import load_components
+    from .generation import generate
+    from .training import Trainer, TrainOptions
+
+    started = time.perf_counter()
+    out = ensure_out_dir(out_dir)
+    toy = image_path is None  # the bundled toy scene, on the shipped toy model unless --model names another
+    scene = None
+    if toy:
+        from .toy.model import toy_model_dir
+        model_dir = model_dir or toy_model_dir()
+        if not (Path(model_dir) / "unet").is_dir():
+            raise AttenCraftError(f"The toy model is not in {model_dir}; train it with "
+                                  "`python -m attencraft_core.toy.train --export attencraft_core/toy/weights`, "
+                                  "or pass --model, --image and --concepts.")
+        scene, default_concepts = load_scene()
+        image, notes = scene.image, []
+        concepts = concepts or default_concepts
+    elif model_dir is None or not concepts:
+        raise AttenCraftError("With --image, also give --model and --concepts (or give neither for the toy demo).")
+    else:
+        image, notes = load_image(image_path)
+    concept_list = parse_concepts(concepts)
+    comps = load_components(model_dir, progress=True)
+    log(f"extracting masks for {', '.join(c.word for c in concept_list)}")
+    result = extract_masks(comps, image, concept_list, MaskOptions(seed=seed))
+    report: dict = {"model": str(model_dir), "concepts": [{"word": c.word, "placeholder": c.placeholder}
+                                                          for c in concept_list], "notes": notes}
+    if scene is not None:
+        from .toy.evaluate import mask_iou
+        report["mask_iou"] = [round(mask_iou(m.numpy(), t), 4) for m, t in zip(result.masks, scene.masks)]
+        log(f"mask IoU against the exact masks: {report['mask_iou']}")
+    steps = steps or (150 if toy else 500)
+    opts = TrainOptions(steps=steps, seed=seed, checkpoint_every=steps, rank=8 if toy else 16,
+                        lr=5e-4 if toy else 1e-4,
+                        class_prompt=TOY_CLASS_PROMPT if toy else TrainOptions.class_prompt,
+                        num_class_images=4 if toy else 8, class_steps=20 if toy else 25)
+    log(f"training {steps} steps")
+    trainer = Trainer(comps, image, concept_list, out / "run", opts, cache_dir=out / "cache", log=log)
+    trained = trainer.run("demo")
+    report["final_loss"] = round(trained.history[-1]["loss"], 5)
+    report["mask_events"] = trained.events
+
+    placeholders = [c.placeholder for c in concept_list]
+    if toy:
+        contexts = [f"a photo of {p} and a yellow square" for p in placeholders]
+    else:
+        contexts = [f"a photo of {p} on the beach" for p in placeholders]
+    prompts = [(f"a photo of {p}", "alone") for p in placeholders]
+    prompts.append(("a photo of " + " and ".join(placeholders), "together"))
+    prompts += [(c, "context") for c in contexts]
+    rows = [("input | overlay | masks", [image, overlay(image, result.masks)]
+             + [mask_to_image(m) for m in result.masks])]
+    generated = {}
+    for prompt, kind in prompts:
+        images = generate(comps, [prompt] * images_per_prompt, seed=seed + 1000, steps=25, cfg=5.0)
+        generated[prompt] = images
+        rows.append((prompt, images))
+    save_image(out / "contact_sheet.png", contact_sheet(rows, tile=128 if toy else 256))
+    if scene is not None:
+        report.update(toy_metrics(scene, placeholders, generated))
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(out / "report.json", report)
+    log(f"wrote {out / 'contact_sheet.png'} and {out / 'report.json'} in {report['seconds']} s")
+    return report
+
+
+def toy_metrics(scene, placeholders: list[str], generated: dict) -> dict:
+    """Judge-based fidelity and leakage of each concept alone, and joint fidelity, on the toy world."""
+    from .toy.evaluate import judge_concept_image, judge_joint_image, rates
+
+    per_concept = []
+    for i, p in enumerate(placeholders):
+        others = [o for j, o in enumerate(scene.objects) if j != i]
+        verdicts = [judge_concept_image(im, scene.objects[i], others) for im in generated[f"a photo of {p}"]]
+        per_concept.append({"placeholder": p, **{k: round(v, 3) for k, v in rates(verdicts).items()}})
+    joint_images = generated["a photo of " + " and ".join(placeholders)]
+    joint = float(np.mean([judge_joint_image(im, scene.objects) for im in joint_images]))
+    fid = [c["fidelity"] for c in per_concept]
+    return {"per_concept": per_concept, "joint_fidelity": round(joint, 3),
+            "fidelity_gap": round(max(fid) - min(fid), 3)}

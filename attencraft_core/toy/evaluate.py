@@ -1,0 +1,46 @@
+"""Measures on the toy world: mask IoU against exact masks, and judge-based concept fidelity and leakage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .judge import analyse
+from .world import SceneObject
+
+
+def mask_iou(predicted: np.ndarray, true: np.ndarray) -> float:
+    predicted, true = np.asarray(predicted, bool), np.asarray(true, bool)
+    union = (predicted | true).sum()
+    return float((predicted & true).sum() / union) if union else 0.0
+
+
+def matches(detection, obj: SceneObject, with_pattern: bool = False) -> bool:
+    ok = detection.shape == obj.shape and detection.colour == obj.colour
+    return ok and (detection.pattern == obj.pattern if with_pattern else True)
+
+
+@dataclass
+class ImageVerdict:
+    shows_target: bool
+    leaks_other: bool
+
+
+def judge_concept_image(image, target: SceneObject, others: list[SceneObject]) -> ImageVerdict:
+    """Does an image made for `target` show it, and does it also show another concept's shape or colour?"""
+    detections = analyse(image)
+    shows = any(matches(d, target) for d in detections)
+    leaks = any(d.shape == o.shape or d.colour == o.colour for d in detections for o in others)
+    return ImageVerdict(shows, leaks)
+
+
+def judge_joint_image(image, objects: list[SceneObject]) -> bool:
+    """Does an image made for all concepts show every one of them?"""
+    detections = analyse(image)
+    return all(any(matches(d, o) for d in detections) for o in objects)
+
+
+def rates(verdicts: list[ImageVerdict]) -> dict[str, float]:
+    n = max(len(verdicts), 1)
+    return {"fidelity": sum(v.shows_target for v in verdicts) / n, "leakage": sum(v.leaks_other for v in verdicts) / n}

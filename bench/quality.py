@@ -1,0 +1,140 @@
+"""Quality benchmark on the toy world (prints markdown tables; not a test).
+
+1. Mask quality: mean IoU of extracted masks against the exact masks, on fixed held-out 2- and 3-object scenes.
+2. Learned concepts: for several held-out two-object scenes, train, then judge images of "a photo of <ci>"
+   (fidelity: shows concept i; leakage: also shows the other concept's shape or colour), of the prompt with both
+   (joint fidelity), and the gap between the two concepts' fidelities at evaluation points during training.
+3. Ablation: the same per sampling policy (adaptive, uniform, union) and without the masked / attention loss.
+
+    python bench/quality.py                       # the configuration recorded in docs/quality.md
+    python bench/quality.py --mask-scenes 5 --train-scenes 1 --steps 20 --images 2   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from attencraft_core import AttenCraftError, parse_concepts  # noqa: E402
+from attencraft_core.generation import generate  # noqa: E402
+from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
+from attencraft_core.model_loading import load_components  # noqa: E402
+from attencraft_core.toy.evaluate import judge_concept_image, judge_joint_image, mask_iou, rates  # noqa: E402
+from attencraft_core.toy.model import toy_model_dir  # noqa: E402
+from attencraft_core.toy.world import random_scene  # noqa: E402
+from attencraft_core.training import Trainer, TrainOptions  # noqa: E402
+
+VARIANTS = {"full": {}, "no masked loss": {"masked_loss": False}, "no attention loss": {"attention_weight": 0.0}}
+
+
+def concept_words(scene) -> str:
+    return ", ".join(o.shape for o in scene.objects)
+
+
+def mask_quality(model: Path, scenes: int, count: int) -> dict:
+    comps = load_components(model)
+    ious, failures = [], 0
+    for i in range(scenes):
+        scene = random_scene(random.Random(1000 * count + i), count=count, held_out=True)
+        try:
+            result = extract_masks(comps, scene.image, parse_concepts(concept_words(scene)), MaskOptions(seed=0))
+            ious += [mask_iou(m.numpy(), t) for m, t in zip(result.masks, scene.masks)]
+        except AttenCraftError:
+            failures += 1
+            ious += [0.0] * count
+    return {"objects": count, "scenes": scenes, "mean_iou": float(np.mean(ious)), "failed_scenes": failures}
+
+
+def evaluate(comps, scene, placeholders, images: int, seed: int) -> dict:
+    per = []
+    for i, p in enumerate(placeholders):
+        others = [o for j, o in enumerate(scene.objects) if j != i]
+        gen = generate(comps, [f"a photo of {p}"] * images, seed=seed, steps=25, cfg=5.0)
+        per.append(rates([judge_concept_image(im, scene.objects[i], others) for im in gen]))
+    joint = generate(comps, ["a photo of " + " and ".join(placeholders)] * images, seed=seed, steps=25, cfg=5.0)
+    return {"fidelity": [r["fidelity"] for r in per], "leakage": [r["leakage"] for r in per],
+            "joint": float(np.mean([judge_joint_image(im, scene.objects) for im in joint]))}
+
+
+def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, images: int, eval_every: int,
+                    work: Path) -> dict:
+    comps = load_components(model)
+    concepts = parse_concepts(concept_words(scene))
+    placeholders = [c.placeholder for c in concepts]
+    gaps = []
+
+    def callback(step, total, record, ratios):
+        if step % eval_every == 0 and step < total:
+            ev = evaluate(comps, scene, placeholders, images, seed=500)
+            gaps.append((step, abs(ev["fidelity"][0] - ev["fidelity"][1])))
+
+    opts = TrainOptions(steps=steps, lr=5e-4, rank=8, policy=policy, checkpoint_every=steps,
+                        class_prompt="a photo of a shape", num_class_images=4, class_steps=20, **variant)
+    trainer = Trainer(comps, scene.image, concepts, work, opts, cache_dir=work / "cache", callback=callback,
+                      log=lambda s: None)
+    trainer.run("bench")
+    final = evaluate(comps, scene, placeholders, images, seed=500)
+    gaps.append((steps, abs(final["fidelity"][0] - final["fidelity"][1])))
+    return {**final, "gaps": gaps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(toy_model_dir()))
+    ap.add_argument("--mask-scenes", type=int, default=20)
+    ap.add_argument("--train-scenes", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--images", type=int, default=8, help="images per prompt and evaluation")
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--policies", default="adaptive,uniform,union")
+    ap.add_argument("--variants", default="full,no masked loss,no attention loss")
+    ap.add_argument("--work", default="out/bench-quality")
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    args = ap.parse_args()
+    started = time.time()
+    model = Path(args.model)
+    results = {"masks": [mask_quality(model, args.mask_scenes, n) for n in (2, 3)], "training": []}
+    print("| objects | scenes | mean mask IoU | scenes with no masks |\n| --- | --- | --- | --- |")
+    for r in results["masks"]:
+        print(f"| {r['objects']} | {r['scenes']} | {r['mean_iou']:.3f} | {r['failed_scenes']} |")
+
+    rows = []
+    for policy in args.policies.split(","):
+        for name in args.variants.split(","):
+            if policy != "adaptive" and name != "full":
+                continue  # the loss ablations run with the default policy
+            runs = []
+            for i in range(args.train_scenes):
+                scene = random_scene(random.Random(5000 + i), count=2, held_out=True)
+                runs.append(train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
+                                            args.eval_every, Path(args.work) / f"{policy}-{name}-{i}".replace(" ", "_")))
+            row = {"policy": policy, "variant": name,
+                   "fidelity": float(np.mean([np.mean(r["fidelity"]) for r in runs])),
+                   "leakage": float(np.mean([np.mean(r["leakage"]) for r in runs])),
+                   "joint": float(np.mean([r["joint"] for r in runs])),
+                   "gap_by_step": {s: float(np.mean([dict(r["gaps"])[s] for r in runs])) for s, _ in runs[0]["gaps"]}}
+            rows.append(row)
+            results["training"].append({**row, "runs": runs})
+    print(f"\n{args.train_scenes} held-out two-object scenes, {args.steps} steps, {args.images} images per prompt\n")
+    print("| policy | variant | concept fidelity | leakage | joint fidelity | fidelity gap by step |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        gaps = ", ".join(f"{s}: {g:.2f}" for s, g in r["gap_by_step"].items())
+        print(f"| {r['policy']} | {r['variant']} | {r['fidelity']:.3f} | {r['leakage']:.3f} | {r['joint']:.3f} | {gaps} |")
+    print(f"\n({time.time() - started:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

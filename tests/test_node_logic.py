@@ -108,3 +108,38 @@ def test_prompt_syntax_names_every_concept():
     text = logic.prompt_syntax(concept_set("sd1", 768), "duo")
     assert "<c0> (cat): embedding:duo_c0" in text and "<c1> (dog): embedding:duo_c1" in text
     assert "a photo of embedding:duo_c0 and embedding:duo_c1" in text
+
+
+SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+             "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
+SD21_UNET = {**SD15_UNET, "use_linear_in_transformer": True, "context_dim": 1024, "num_heads": -1,
+             "num_head_channels": 64}
+
+
+@pytest.mark.parametrize("unet_config, params, heads, linear", [
+    (SD15_UNET, 859_520_964, 8, False),        # runwayml/stable-diffusion-v1-5 UNet
+    (SD21_UNET, 865_910_724, [5, 10, 20, 20], True),  # stabilityai/stable-diffusion-2-1(-base) UNet
+])
+def test_comfy_unet_config_becomes_the_diffusers_sd_config(unet_config, params, heads, linear):
+    from diffusers import UNet2DConditionModel
+
+    from attencraft_pack.nodes.bridge import unet_config_to_diffusers
+
+    config = unet_config_to_diffusers(unet_config)
+    assert config["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert config["up_block_types"] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    assert config["attention_head_dim"] == heads and config["use_linear_projection"] is linear
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    assert sum(p.numel() for p in unet.parameters()) == params
+
+
+def test_other_model_families_are_refused():
+    from attencraft_pack.nodes.bridge import unet_config_to_diffusers
+
+    with pytest.raises(AttenCraftError, match="SD 1.x and SD 2.x checkpoints"):
+        unet_config_to_diffusers({**SD15_UNET, "adm_in_channels": 2816, "context_dim": 2048})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .errors import AttenCraftError
 
@@ -113,7 +114,6 @@ def cmd_train(args) -> int:
         user_masks = [load_image(p)[0].convert("L") for p in paths]
     class_imgs = None
     if args.class_images:
-        from pathlib import Path
         files = sorted(p for p in Path(args.class_images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
         if not files:
             from .errors import AttenCraftError
@@ -152,7 +152,6 @@ def cmd_generate(args) -> int:
 
     concept_set = ConceptSet.load(args.concepts)
     concept_set.check_prompt(args.prompt)
-    from pathlib import Path
     out = Path(args.out)
     ensure_out_dir(out.parent if str(out.parent) else ".")
     comps = _load(args)

@@ -47,13 +47,16 @@ def add_comfy_to_path() -> None:
 TINY_UNET = dict(sample_size=64, block_out_channels=(320, 320, 320), layers_per_block=1,
                  down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
                  cross_attention_dim=768, attention_head_dim=8)
+# SD 2.x: 1024-d OpenCLIP-H context, linear projections, 64-channel heads (5 heads at 320 channels)
+TINY_UNET_SD2 = {**TINY_UNET, "cross_attention_dim": 1024, "attention_head_dim": 5, "use_linear_projection": True}
 COMFY_UNET_CONFIG = dict(num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[1, 1, 1],
                          transformer_depth_output=[1] * 6, transformer_depth_middle=1)
 
 
-def build_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A single-file checkpoint ComfyUI detects as SD 1.5: small UNet (320 channels, 768 context), full-size
-    random CLIP-L and VAE (their sizes are fixed by detection). About 500 MB in fp16; never committed."""
+def build_sd15_checkpoint(path: Path, seed: int = 0, family: str = "sd1") -> Path:
+    """A single-file checkpoint ComfyUI detects as SD 1.5 (or SD 2.x with family="sd2"): small UNet (320
+    channels), full-size random CLIP-L (OpenCLIP-H) and VAE, as detection requires. 0.5-0.9 GB in fp16;
+    written at test time, never committed."""
     add_comfy_to_path()
     import comfy.diffusers_convert
     import comfy.utils
@@ -62,7 +65,7 @@ def build_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET)
+    unet = UNet2DConditionModel(**(TINY_UNET if family == "sd1" else TINY_UNET_SD2))
     diff_sd = unet.state_dict()
     state = {f"model.diffusion_model.{v}": diff_sd[k] for k, v in
              comfy.utils.unet_to_diffusers(COMFY_UNET_CONFIG).items() if k in diff_sd}
@@ -71,9 +74,16 @@ def build_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
                         latent_channels=4)
     vae_sd = comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict())
     state.update({f"first_stage_model.{k}": v for k, v in vae_sd.items()})
-    config = json.loads((comfy_dir() / "comfy" / "sd1_clip_config.json").read_text())
+    config_file = "sd1_clip_config.json" if family == "sd1" else "text_encoders/sd2_clip_config.json"
+    config = json.loads((comfy_dir() / "comfy" / config_file).read_text())
     text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
-    state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.state_dict().items()})
+    hf = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text.state_dict().items()}
+    if family == "sd1":
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in hf.items()})
+    else:  # SD 2.x checkpoints store OpenCLIP keys; ComfyUI's own converter writes them
+        openclip = comfy.diffusers_convert.convert_text_enc_state_dict_v20(
+            {f"cond_stage_model.model.transformer.{k}": v for k, v in hf.items()})
+        state.update(openclip)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in state.items()}, str(path))
     return path

@@ -80,3 +80,27 @@ def test_training_runs_under_comfyui_inference_mode(comfy_objects, tmp_path):
     assert len(result.history) == 2
     after = comfy_objects[0].model.diffusion_model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # ComfyUI's MODEL is untouched
+
+
+def test_sd2_checkpoint_bridges_exactly(tmp_path):
+    """SD 2.x: OpenCLIP-H penultimate layer + final norm, linear-projection UNet with 64-channel heads."""
+    add_comfy_to_path()
+    import comfy.sd
+
+    load_pack()
+    from attencraft_pack.nodes.bridge import components_from_comfy
+
+    path = build_sd15_checkpoint(tmp_path / "tiny_sd2.safetensors", family="sd2")
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+    assert type(model.model.model_config).__name__.startswith("SD2")
+    with torch.inference_mode():
+        comps = components_from_comfy(model, clip, vae)
+    assert comps.family == "sd2" and comps.text_encoder.config.num_hidden_layers == 23
+    x, ctx, t = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 1024), torch.tensor([300])
+    with torch.no_grad():
+        ours = comps.unet(x, t, ctx).sample
+        theirs = model.model.diffusion_model(x, timesteps=t, context=ctx)
+        assert (ours - theirs).abs().max() < 1e-5 * max(1.0, float(theirs.abs().max()))
+        cond = clip.encode_from_tokens(clip.tokenize("a photo of a cat"))
+        ids = comps.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        torch.testing.assert_close(comps.text_encoder(ids)[0], cond.float(), atol=1e-4, rtol=1e-4)

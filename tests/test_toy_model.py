@@ -1,61 +1,78 @@
-"""The shipped toy model: loads offline, draws what a caption asks, finds objects, and runs the demo."""
+"""The toy model's architecture and the demo, end to end.
+
+The trained toy weights are not shipped yet (see docs/toy_model.md); the tests that need them skip until
+attencraft_core/toy/weights/ exists. The demo itself runs here on the toy architecture with planted attention.
+"""
 
 import json
 import random
 
 import numpy as np
 import pytest
-import torch
 
 from attencraft_core import parse_concepts
-from attencraft_core.demo import run_demo
+from attencraft_core.attention import layer_factors
+from attencraft_core.demo import load_scene, run_demo
 from attencraft_core.generation import generate
 from attencraft_core.masks import MaskOptions, extract_masks
 from attencraft_core.model_loading import load_components
+from attencraft_core.tiny_models import save_components
 from attencraft_core.toy.evaluate import mask_iou
 from attencraft_core.toy.judge import analyse
-from attencraft_core.toy.model import toy_model_dir
-from attencraft_core.toy.world import random_scene
+from attencraft_core.toy.model import build_toy_components, toy_model_dir
+from attencraft_core.toy.world import VOCABULARY, random_scene
+
+needs_weights = pytest.mark.skipif(not (toy_model_dir() / "unet").is_dir(),
+                                   reason="trained toy weights are not shipped yet (docs/toy_model.md)")
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return load_components(toy_model_dir())
+def untrained_toy_dir(tmp_path_factory):
+    return save_components(build_toy_components(seed=0), tmp_path_factory.mktemp("toy"))
 
 
-def test_loads_with_stable_diffusion_pipeline_offline():
+def test_toy_architecture_has_the_layers_the_method_reads(untrained_toy_dir):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(toy_model_dir(), local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False, torch_dtype=torch.float32)
+    comps = load_components(untrained_toy_dir)
+    factors = layer_factors(comps.unet)
+    assert {f for n, f in factors.items() if n.endswith("attn2.processor")} == {2, 4}
+    assert comps.native_resolution == 64 and comps.vae_scale_factor == 2
+    assert all(len(comps.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in VOCABULARY)
+    size = sum(p.numel() for m in (comps.unet, comps.vae, comps.text_encoder) for p in m.parameters())
+    assert size * 2 < 25 * 2**20  # fits the 25 MB budget in fp16
+    pipe = StableDiffusionPipeline.from_pretrained(untrained_toy_dir, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a photo of a red circle", num_inference_steps=2, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (64, 64)
+    assert pipe("a photo of a red circle", num_inference_steps=2).images[0].size == (64, 64)
 
 
-def test_generates_what_the_caption_asks(toy):
-    images = generate(toy, ["a photo of a red circle"] * 4, seed=0, steps=20, cfg=5.0)
+def test_demo_runs_end_to_end(untrained_toy_dir, tmp_path, planted_attention):
+    planted_attention(2)
+    report = run_demo(tmp_path, model_dir=untrained_toy_dir, steps=3, images_per_prompt=1, log=lambda s: None)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert (tmp_path / "contact_sheet.png").is_file() and saved["mask_iou"] == report["mask_iou"]
+    assert len(saved["per_concept"]) == 2 and 0 <= saved["joint_fidelity"] <= 1
+    assert all(0 <= c["fidelity"] <= 1 and 0 <= c["leakage"] <= 1 for c in saved["per_concept"])
+    scene, words = load_scene()
+    assert words == "star, heart" and len(scene.objects) == 2
+
+
+@needs_weights
+def test_trained_model_generates_what_the_caption_asks():
+    comps = load_components(toy_model_dir())
+    images = generate(comps, ["a photo of a red circle"] * 4, seed=0, steps=20, cfg=5.0)
     found = [any(d.shape == "circle" and d.colour == "red" for d in analyse(im)) for im in images]
     assert sum(found) >= 2, f"the judge found a red circle in {sum(found)} of 4 images"
 
 
-def test_mask_iou_stays_above_the_floor(toy):
+@needs_weights
+def test_trained_model_mask_iou_stays_above_the_floor():
+    comps = load_components(toy_model_dir())
     ious = []
     for i in range(4):
         scene = random_scene(random.Random(2000 + i), count=2, held_out=True)
-        words = ", ".join(o.shape for o in scene.objects)
-        try:
-            result = extract_masks(toy, scene.image, parse_concepts(words), MaskOptions(seed=0))
-            ious += [mask_iou(m.numpy(), t) for m, t in zip(result.masks, scene.masks)]
-        except Exception:
-            ious += [0.0, 0.0]
-    assert np.mean(ious) >= 0.3, f"mean mask IoU {np.mean(ious):.3f}"
-
-
-def test_demo_runs_end_to_end(tmp_path):
-    report = run_demo(tmp_path, steps=3, images_per_prompt=1, log=lambda s: None)
-    assert (tmp_path / "contact_sheet.png").is_file()
-    saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["mask_iou"] == report["mask_iou"] and len(saved["per_concept"]) == 2
-    assert 0 <= saved["joint_fidelity"] <= 1
+        result = extract_masks(comps, scene.image, parse_concepts([o.shape for o in scene.objects]),
+                               MaskOptions(seed=0))
+        ious += [mask_iou(m.numpy(), t) for m, t in zip(result.masks, scene.masks)]
+    assert np.mean(ious) >= 0.5, f"mean mask IoU {np.mean(ious):.3f}"

@@ -21,3 +21,23 @@ def test_core_never_imports_comfyui():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in {"comfy", "comfy_api", "comfy_extras", "folder_paths"}
                            for n in names), f"{path} imports ComfyUI"
+
+
+def test_readme_main_job_runs(tmp_path, monkeypatch):
+    """README's first command (after the install) runs as written, in a scratch folder."""
+    import re
+    import shlex
+    import shutil
+
+    from attencraft_core.cli import main
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("# 1. the main job", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = [c.strip() for c in re.split(r"&&", block) if "python -m attencraft_core" in c]
+    assert [shlex.split(c)[3] for c in commands] == ["make-tiny-model", "train", "generate"]
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ATTENCRAFT_CACHE", str(tmp_path / "cache"))
+    for command in commands:
+        assert main(shlex.split(command)[3:]) == 0, command
+    assert (tmp_path / "out" / "c0_beach.png").is_file()

@@ -76,8 +76,12 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         vae_opt.step()
         vae_opt.zero_grad(set_to_none=True)
         log["vae_step"] += 1
+        log["seconds"] = time.time() - start
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if time.time() - last_save > 300:
+            save()
+            last_save = time.time()
     bar.close()
     comps.vae.eval().requires_grad_(False)
     if "scaling_factor" not in log:

@@ -82,11 +82,12 @@ def test_trained_model_mask_iou_stays_above_the_floor():
 def test_toy_training_resumes_and_exports(tmp_path):
     from attencraft_core.toy.train import train
 
-    first = train(tmp_path / "work", minutes=0.01, vae_steps=2, batch=2, seed=0, export=None, vae_batch=2)
-    assert first["vae_step"] == 2 and first["unet_step"] >= 1
-    again = train(tmp_path / "work", minutes=0.02, vae_steps=3, batch=2, seed=0, export=tmp_path / "export",
-                  vae_batch=2)
-    assert again["vae_step"] == 3 and again["unet_step"] >= first["unet_step"]
+    first = train(tmp_path / "work", minutes=60, vae_steps=2, batch=2, seed=0, export=None, vae_batch=2,
+                  max_steps=2)
+    assert first["vae_step"] == 2 and first["unet_step"] == 2
+    again = train(tmp_path / "work", minutes=60, vae_steps=3, batch=2, seed=0, export=tmp_path / "export",
+                  vae_batch=2, max_steps=3)
+    assert again["vae_step"] == 3 and again["unet_step"] == 3 and len(again["losses"]) == 3
     comps = load_components(tmp_path / "export")
     assert comps.vae.config.scaling_factor == pytest.approx(first["scaling_factor"])
     assert comps.unet.dtype == torch.float32  # stored in fp16, loaded in fp32

@@ -35,7 +35,8 @@ def scene_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]
 
 
 def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, export: Path | None,
-          vae_batch: int = 16) -> dict:
+          vae_batch: int = 16, max_steps: int | None = None) -> dict:
+    """Both stages; the UNet stage stops at the time budget or at max_steps UNet steps, whichever comes first."""
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     comps = build_toy_components(seed)
@@ -94,7 +95,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     comps.unet.train()
     comps.text_encoder.train()
     bar = tqdm(desc="UNet", unit="step", initial=log["unet_step"])
-    while time.time() - start < budget:
+    while time.time() - start < budget and (max_steps is None or log["unet_step"] < max_steps):
         pixels, captions = scene_batch(rng, batch)
         with torch.no_grad():
             latents = comps.vae.encode(pixels).latent_dist.sample() * scale
@@ -141,12 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=60, help="total wall-clock budget, both stages")
     p.add_argument("--vae-steps", type=int, default=500, help="VAE reconstruction steps (stage 1)")
     p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many UNet steps in all")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export", default=None, help="write the trained model as a diffusers folder here")
     args = p.parse_args(argv)
     train(Path(args.work), args.minutes, args.vae_steps, args.batch, args.seed,
-          Path(args.export) if args.export else None, args.vae_batch)
+          Path(args.export) if args.export else None, args.vae_batch, args.max_steps)
 
 
 if __name__ == "__main__":

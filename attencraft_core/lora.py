@@ -48,10 +48,8 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_lora_state_dict(unet, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: str) -> None:
-    """Add the adapter (if missing) and copy weights from a lora_state_dict; every key must match."""
-    if not any("lora_" in n for n, _ in unet.named_parameters()):
-        add_lora(unet, rank, alpha, targets)
+def copy_lora_weights(unet, state: dict[str, torch.Tensor]) -> None:
+    """Copy a lora_state_dict into the UNet's existing adapter; every key must match."""
     params = dict(unet.named_parameters())
     with torch.no_grad():
         for key, value in state.items():
@@ -59,7 +57,14 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor], rank: int, alpha:
             if name not in params or params[name].shape != value.shape:
                 raise AttenCraftError(f"LoRA weight {key} does not fit this model (another base model or rank?).")
             params[name].copy_(value)
-    for param in params.values():
+
+
+def load_lora_state_dict(unet, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: str) -> None:
+    """Add the adapter (if missing), copy weights from a lora_state_dict and freeze everything."""
+    if not any("lora_" in n for n, _ in unet.named_parameters()):
+        add_lora(unet, rank, alpha, targets)
+    copy_lora_weights(unet, state)
+    for param in unet.parameters():
         param.requires_grad_(False)
 
 

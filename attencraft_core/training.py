@@ -19,7 +19,7 @@ from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positi
 from .encoding import encode_images, encode_prompts
 from .errors import AttenCraftError
 from .images import image_to_tensor
-from .lora import add_lora, lora_parameters, lora_state_dict
+from .lora import add_lora, copy_lora_weights, lora_parameters, lora_state_dict
 from .losses import attention_loss, masked_diffusion_loss, ssim
 from .masks import MaskOptions, concept_attention, masks_from_latents
 from .model_loading import SDComponents
@@ -287,11 +287,8 @@ class Trainer:
             if state[key] != expected[key]:
                 raise AttenCraftError(f"{path} belongs to another run ({key}: {state[key]} vs {expected[key]}). "
                                       "Use another --out folder, or the same settings.")
-        params = dict(self.comps.unet.named_parameters())
+        copy_lora_weights(self.comps.unet, state["lora"])
         with torch.no_grad():
-            for key, value in state["lora"].items():
-                name = key.replace(".lora_A.", ".lora_A.attencraft.").replace(".lora_B.", ".lora_B.attencraft.")
-                params[name].copy_(value)
             self.embedding[self.token_ids] = state["embeddings"].to(self.embedding)
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])

@@ -56,7 +56,7 @@ def test_demo_runs_end_to_end(untrained_toy_dir, tmp_path, planted_attention):
     assert len(saved["per_concept"]) == 2 and 0 <= saved["joint_fidelity"] <= 1
     assert all(0 <= c["fidelity"] <= 1 and 0 <= c["leakage"] <= 1 for c in saved["per_concept"])
     scene, words = load_scene()
-    assert words == "star, heart" and len(scene.objects) == 2
+    assert words == "cyan star, green heart" and len(scene.objects) == 2
 
 
 @needs_weights
@@ -73,7 +73,7 @@ def test_trained_model_mask_iou_stays_above_the_floor():
     ious = []
     for i in range(4):
         scene = random_scene(random.Random(2000 + i), count=2, held_out=True)
-        result = extract_masks(comps, scene.image, parse_concepts([o.shape for o in scene.objects]),
+        result = extract_masks(comps, scene.image, parse_concepts([f"{o.colour} {o.shape}" for o in scene.objects]),
                                MaskOptions(seed=0))
         ious += [mask_iou(m.numpy(), t) for m, t in zip(result.masks, scene.masks)]
     assert np.mean(ious) >= 0.5, f"mean mask IoU {np.mean(ious):.3f}"
@@ -91,3 +91,62 @@ def test_toy_training_resumes_and_exports(tmp_path):
     comps = load_components(tmp_path / "export")
     assert comps.vae.config.scaling_factor == pytest.approx(first["scaling_factor"])
     assert comps.unet.dtype == torch.float32  # stored in fp16, loaded in fp32
+
+
+def test_decoder_sharpening_keeps_the_latent_space_the_unet_learned(tmp_path):
+    from attencraft_core.toy.train import train
+
+    work = tmp_path / "work"
+    train(work, minutes=60, vae_steps=2, batch=2, seed=0, export=None, vae_batch=2, max_steps=1)
+    before = torch.load(work / "toy_checkpoint.pt", weights_only=False)["vae"]
+    log = train(work, minutes=60, vae_steps=2, batch=2, seed=0, export=None, vae_batch=2, max_steps=2,
+                decoder_steps=3)
+    after = torch.load(work / "toy_checkpoint.pt", weights_only=False)["vae"]
+    assert log["decoder_step"] == 3 and log["unet_step"] == 2
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+
+
+def test_object_word_positions_point_at_each_objects_tokens():
+    from attencraft_core.toy.train import object_word_positions
+    from attencraft_core.toy.world import training_caption
+
+    tokenizer = build_toy_components().tokenizer
+    rng = random.Random(0)
+    for _ in range(20):
+        scene = random_scene(rng, count=rng.randint(1, 3))
+        caption = training_caption(scene, rng, drop=0.3)
+        ids = tokenizer(caption).input_ids
+        groups = object_word_positions(caption)
+        assert len(groups) == len(scene.objects)
+        for obj, positions in zip(scene.objects, groups):
+            words = [tokenizer.convert_ids_to_tokens(ids[p]).removesuffix("</w>") for p in positions]
+            assert words[-1] in (obj.shape, "shape") and set(words[:-1]) <= {obj.colour, obj.pattern}
+
+
+def test_localisation_loss_prefers_attention_on_the_right_object():
+    from attencraft_core.toy.train import SizedStore, localisation_loss
+
+    scene = random_scene(random.Random(3), count=2)
+    caption = scene.caption
+    side, tokens = 8, 32
+    masks = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(scene.masks).float()[None], side)[0]
+    regions = torch.cat([1 - masks.sum(0, keepdim=True), masks]).flatten(1)  # background, objects
+    from attencraft_core.toy.train import object_word_positions
+    right = torch.full((side * side, tokens), 1e-3)
+    right[:, 0] += regions[0]
+    for region, positions in zip(regions[1:], object_word_positions(caption)):
+        right[:, positions] += region[:, None]
+    swapped = right.clone()
+    first, second = object_word_positions(caption)
+    swapped[:, first[-1]], swapped[:, second[-1]] = right[:, second[-1]], right[:, first[-1]]
+
+    def loss(maps, t=100):
+        store = SizedStore(rows=[0])
+        store.add("cross", (maps / maps.sum(1, keepdim=True))[None], heads=1)
+        return localisation_loss(store, [scene], [caption], torch.tensor([t])).item()
+
+    assert loss(right) < 0.5 * loss(swapped)
+    assert loss(swapped, t=900) == 0.0  # nearly pure noise: nothing to localise

@@ -52,6 +52,7 @@ def test_captions():
     rng = random.Random(0)
     dropped = {training_caption(scene, rng) for _ in range(200)}
     assert scene.caption in dropped and "a photo of a red dotted shape and a blue heart" in dropped
+    assert "a photo of red dotted star and blue heart" in dropped  # the form of AttenCraft's prompts
 
 
 def test_judge_accuracy_on_rendered_scenes():

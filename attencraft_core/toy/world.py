@@ -171,8 +171,13 @@ def random_scene(rng: random.Random, count: int | None = None, held_out: bool = 
     raise RuntimeError("could not compose a scene")
 
 
-def training_caption(scene: Scene, rng: random.Random, drop: float = 0.15) -> str:
-    """The caption with words dropped at random (colour, pattern, shape -> "shape"), for pretraining."""
+def training_caption(scene: Scene, rng: random.Random, drop: float = 0.15, bare: float = 0.3) -> str:
+    """The caption with words dropped at random (colour, pattern, shape -> "shape"), for pretraining.
+
+    With probability `bare` the articles go too ("a photo of red star and heart"), the form AttenCraft's
+    prompts take ("a photo of <c0> and <c1>").
+    """
+    article = "" if rng.random() < bare else "a "
     parts = []
     for obj in scene.objects:
         words = []
@@ -181,5 +186,5 @@ def training_caption(scene: Scene, rng: random.Random, drop: float = 0.15) -> st
         if obj.pattern != "solid" and rng.random() > drop:
             words.append(obj.pattern)
         words.append(obj.shape if rng.random() > drop else "shape")
-        parts.append("a " + " ".join(words))
+        parts.append(article + " ".join(words))
     return "a photo of " + " and ".join(parts)

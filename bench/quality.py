@@ -1,8 +1,9 @@
 """Quality benchmark on the toy world (prints markdown tables; not a test).
 
 1. Mask quality: mean IoU of extracted masks against the exact masks, on fixed held-out 2- and 3-object scenes
-   (a refused scene counts as IoU 0), with the paper's settings and at twice the resolution.
-   Concepts are named by colour and shape ("cyan star"), as a user would name them.
+   (a refused scene counts as IoU 0), with the paper's settings and at twice the resolution. Each concept's
+   initializer word is its colour: the toy model binds colour words to places, shape words far less (its
+   shapes are weak; docs/toy_model.md), and with shape words most extractions are refused.
 2. Learned concepts: for several held-out two-object scenes, train, then judge images of "a photo of <ci>"
    (fidelity: shows concept i; leakage: also shows the other concept's shape or colour), of the prompt with both
    (joint fidelity), and the gap between the two concepts' fidelities at evaluation points during training.
@@ -41,11 +42,11 @@ VARIANTS = {"full": {}, "no masked loss": {"masked_loss": False}, "no attention 
 
 
 MASK_SETTINGS = {"paper defaults, 64 px": MaskOptions(seed=0),
-                 "128 px, cross-attention at latent/2": MaskOptions(seed=0, resolution=128, cross_factor=2)}
+                 "image upscaled to 128 px": MaskOptions(seed=0, resolution=128)}
 
 
 def concept_words(scene) -> str:
-    return ", ".join(f"{o.colour} {o.shape}" for o in scene.objects)
+    return ", ".join(o.colour for o in scene.objects)
 
 
 PROMPT_PAIRS = (("red", "circle"), ("blue", "square"), ("yellow", "star"), ("green", "triangle"),

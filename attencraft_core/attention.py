@@ -121,14 +121,14 @@ class AttenCraftAttnProcessor:
 
 
 @contextlib.contextmanager
-def capture_attention(unet, store: AttentionStore, cross_factor: int | None = 4, self_factor: int | None = 2,
-                      detach_sot: bool = False):
-    """Install recording processors on the chosen layers (None skips a kind), restore the old ones on exit."""
+def capture_attention(unet, store: AttentionStore, cross_factor: int | tuple[int, ...] | None = 4,
+                      self_factor: int | tuple[int, ...] | None = 2, detach_sot: bool = False):
+    """Install recording processors on the layers at the chosen factor(s) (None skips a kind), restore the old
+    ones on exit."""
     chosen = {}
-    if cross_factor is not None:
-        chosen.update(dict.fromkeys(select_layers(unet, "cross", cross_factor), "cross"))
-    if self_factor is not None:
-        chosen.update(dict.fromkeys(select_layers(unet, "self", self_factor), "self"))
+    for kind, factors in (("cross", cross_factor), ("self", self_factor)):
+        for factor in (factors,) if isinstance(factors, int) else factors or ():
+            chosen.update(dict.fromkeys(select_layers(unet, kind, factor), kind))
     previous = unet.attn_processors
     unet.set_attn_processor({name: AttenCraftAttnProcessor(store, chosen.get(name), detach_sot)
                              for name in previous})

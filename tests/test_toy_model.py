@@ -56,7 +56,7 @@ def test_demo_runs_end_to_end(untrained_toy_dir, tmp_path, planted_attention):
 
 
 @needs_weights
-def test_trained_model_generates_what_the_caption_asks(tmp_path):
+def test_trained_model_generates_what_the_caption_asks(untrained_toy_dir):
     """Offline, seeded, 20 steps: an object of the asked colour (the toy draws colours reliably, shapes rarely)."""
     comps = load_components(toy_model_dir())
     assert comps.text_encoder.dtype == torch.float32
@@ -64,8 +64,7 @@ def test_trained_model_generates_what_the_caption_asks(tmp_path):
     images = generate(comps, [f"a photo of a {c} circle" for c in asked], seed=0, steps=20, cfg=5.0)
     found = [any(d.colour == c for d in analyse(im)) for c, im in zip(asked, images)]
     assert sum(found) >= 3, f"the judge found the asked colour in {found}"
-    untrained = save_components(build_toy_components(seed=0), tmp_path)
-    random_images = generate(load_components(untrained), ["a photo of a red circle"] * 2, seed=0, steps=20, cfg=5.0)
+    random_images = generate(load_components(untrained_toy_dir), ["a photo of a red circle"] * 2, seed=0, steps=20, cfg=5.0)
     assert not any(any(d.colour == "red" for d in analyse(im)) for im in random_images)
 
 
@@ -129,14 +128,13 @@ def test_object_word_positions_point_at_each_objects_tokens():
 
 
 def test_localisation_loss_prefers_attention_on_the_right_object():
-    from attencraft_core.toy.train import SizedStore, localisation_loss
+    from attencraft_core.toy.train import SizedStore, localisation_loss, object_word_positions
 
     scene = random_scene(random.Random(3), count=2)
     caption = scene.caption
     side, tokens = 8, 32
     masks = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(scene.masks).float()[None], side)[0]
     regions = torch.cat([1 - masks.sum(0, keepdim=True), masks]).flatten(1)  # background, objects
-    from attencraft_core.toy.train import object_word_positions
     right = torch.full((side * side, tokens), 1e-3)
     right[:, 0] += regions[0]
     for region, positions in zip(regions[1:], object_word_positions(caption)):

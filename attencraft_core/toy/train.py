@@ -10,7 +10,8 @@ average of those weights. Stage 3 also teaches the attention to localise (--atte
 t < 500, each object word's cross-attention over pixels is pulled towards its object's exact mask (the start
 token towards the background), and each pixel's self-attention at latent/2 towards the pixels of its own
 region. Large text-to-image models learn this from scale; a toy trained for an hour on two CPU cores does not
-(its attention stayed at chance without it), and the method reads exactly these maps. Checkpoints go to --work every few minutes; rerunning continues from the last one.
+(its attention stayed at chance without it), and the method reads exactly these maps. Checkpoints go to --work
+every few minutes; rerunning continues from the last one.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..attention import AttentionStore, AttenCraftAttnProcessor, layer_factors
+from ..attention import AttentionStore, capture_attention
 from ..encoding import encode_images
 from ..outputs import atomic_write
 from ..tiny_models import save_components
@@ -65,31 +66,23 @@ class SizedStore(AttentionStore):
         super().add(f"{kind}{round(math.sqrt(probs.shape[1]))}", probs, heads)
 
 
-@contextlib.contextmanager
-def record_localisation_maps(unet, store: SizedStore):
-    """Record every cross-attention layer and the self-attention layers at latent/2 (all batch rows)."""
-    kinds = {name: "cross" if name.endswith("attn2.processor") else ("self" if factor == 2 else None)
-             for name, factor in layer_factors(unet).items()}
-    previous = unet.attn_processors
-    unet.set_attn_processor({name: AttenCraftAttnProcessor(store, kinds[name]) for name in previous})
-    try:
-        yield store
-    finally:
-        unet.set_attn_processor(previous)
-
-
 def localisation_loss(store: SizedStore, scenes: list, captions: list[str], t: torch.Tensor) -> torch.Tensor:
     """Mean KL(target || attention) over the recorded maps of the captioned rows with t < ATTENTION_T_MAX."""
     eps = 1e-8
     terms = []
-    for key in store.sums:
-        maps = store.mean(key)  # [B, Q, tokens] or [B, Q, Q]
-        side = round(math.sqrt(maps.shape[1]))
-        for b, (scene, caption) in enumerate(zip(scenes, captions)):
-            if not caption or int(t[b]) >= ATTENTION_T_MAX:
-                continue
-            objects = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks).float()[None], side)[0]
-            regions = torch.cat([(1 - objects.sum(0, keepdim=True)).clamp_min(0), objects]).flatten(1)
+    maps_by_key = {key: store.mean(key) for key in store.sums}  # [B, Q, tokens] or [B, Q, Q]
+    for b, (scene, caption) in enumerate(zip(scenes, captions)):
+        if not caption or int(t[b]) >= ATTENTION_T_MAX:
+            continue
+        masks = torch.from_numpy(scene.masks).float()[None]
+        regions_by_side = {}
+        for key, maps in maps_by_key.items():
+            side = round(math.sqrt(maps.shape[1]))
+            if side not in regions_by_side:  # background first, then each object, as area fractions
+                objects = F.adaptive_avg_pool2d(masks, side)[0]
+                regions_by_side[side] = torch.cat([(1 - objects.sum(0, keepdim=True)).clamp_min(0),
+                                                   objects]).flatten(1)
+            regions = regions_by_side[side]
             if key.startswith("cross"):
                 for region, positions in zip(regions, [[0]] + object_word_positions(caption)):
                     q = region / region.sum()
@@ -113,7 +106,7 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Ten
 def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, export: Path | None,
           vae_batch: int = 16, max_steps: int | None = None, decoder_steps: int = 0, lr: float = 6e-4,
           ema_decay: float = 0.999, attention_weight: float = 0.03) -> dict:
-    """Both stages; the UNet stage stops at the time budget or at max_steps UNet steps, whichever comes first."""
+    """All three stages; the UNet stage stops at the time budget or at max_steps UNet steps, whichever first."""
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     comps = build_toy_components(seed)
@@ -144,8 +137,20 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     def save():
         data = {"vae": comps.vae.state_dict(), "unet": comps.unet.state_dict(),
                 "text_encoder": comps.text_encoder.state_dict(), "vae_opt": vae_opt.state_dict(),
-                "opt": opt.state_dict(), "dec_opt": dec_opt.state_dict(), "ema": ema, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "log": log}
+                "opt": opt.state_dict(), "dec_opt": dec_opt.state_dict(), "ema": ema, "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(), "log": log}
         atomic_write(ckpt_path, lambda tmp: torch.save(data, tmp))
+
+    def step_done(counter: str, bar, **postfix) -> None:
+        """Count a finished step of a stage, show it, and checkpoint every five minutes."""
+        nonlocal last_save
+        log[counter] += 1
+        log["seconds"] = time.time() - start
+        bar.update(1)
+        bar.set_postfix(**postfix)
+        if time.time() - last_save > 300:
+            save()
+            last_save = time.time()
 
     budget = minutes * 60
     start, last_save = time.time() - log["seconds"], time.time()
@@ -159,13 +164,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         loss.backward()
         vae_opt.step()
         vae_opt.zero_grad(set_to_none=True)
-        log["vae_step"] += 1
-        log["seconds"] = time.time() - start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if time.time() - last_save > 300:
-            save()
-            last_save = time.time()
+        step_done("vae_step", bar, loss=f"{loss.item():.4f}")
     bar.close()
     comps.vae.eval().requires_grad_(False)
     comps.vae.decoder.train()
@@ -181,13 +180,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         loss.backward()
         dec_opt.step()
         dec_opt.zero_grad(set_to_none=True)
-        log["decoder_step"] += 1
-        log["seconds"] = time.time() - start
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if time.time() - last_save > 300:
-            save()
-            last_save = time.time()
+        step_done("decoder_step", bar, loss=f"{loss.item():.4f}")
     bar.close()
     comps.vae.eval().requires_grad_(False)
     if "scaling_factor" not in log:
@@ -207,7 +200,8 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch,))
         store = SizedStore(rows=list(range(batch)))
-        recording = record_localisation_maps(comps.unet, store) if attention_weight else contextlib.nullcontext()
+        recording = capture_attention(comps.unet, store, cross_factor=(2, 4), self_factor=2) if attention_weight \
+            else contextlib.nullcontext()
         with recording:
             pred = comps.unet(comps.noise_scheduler.add_noise(latents, noise, t), t,
                               comps.text_encoder(ids)[0]).sample
@@ -226,15 +220,10 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         decay = min(ema_decay, (1 + log["unet_step"]) / (10 + log["unet_step"]))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        log["unet_step"] += 1
         log["losses"].append(round(per_sample.mean().item(), 5))
-        log["seconds"] = time.time() - start
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(log['losses'][-50:]):.4f}", minutes=f"{log['seconds'] / 60:.1f}",
-                        attn=f"{np.mean(log.get('attention_losses', [0])[-50:]):.3f}")
-        if time.time() - last_save > 300:
-            save()
-            last_save = time.time()
+        step_done("unet_step", bar, loss=f"{np.mean(log['losses'][-50:]):.4f}",
+                  minutes=f"{(time.time() - start) / 60:.1f}",
+                  attn=f"{np.mean(log.get('attention_losses', [0])[-50:]):.3f}")
     bar.close()
     log["seconds"] = time.time() - start
     save()

@@ -17,7 +17,7 @@ from attencraft_core.tiny_models import save_components
 from attencraft_core.toy.evaluate import mask_iou
 from attencraft_core.toy.judge import analyse
 from attencraft_core.toy.model import build_toy_components, toy_model_dir
-from attencraft_core.toy.world import VOCABULARY, random_scene
+from attencraft_core.toy.world import VOCABULARY, random_scene, training_caption
 
 needs_weights = pytest.mark.skipif(not (toy_model_dir() / "unet").is_dir(),
                                    reason="the trained toy weights are missing from attencraft_core/toy/weights")
@@ -146,7 +146,58 @@ def test_localisation_loss_prefers_attention_on_the_right_object():
     def loss(maps, t=100):
         store = SizedStore(rows=[0])
         store.add("cross", (maps / maps.sum(1, keepdim=True))[None], heads=1)
-        return localisation_loss(store, [scene], [caption], torch.tensor([t])).item()
+        return localisation_loss(store, [scene.masks], [caption], torch.tensor([t])).item()
 
     assert loss(right) < 0.5 * loss(swapped)
     assert loss(swapped, t=900) == 0.0  # nearly pure noise: nothing to localise
+
+
+def test_localisation_loss_on_a_batch_weights_every_term_like_one_row_at_a_time():
+    from attencraft_core.toy.train import SizedStore, localisation_loss
+
+    rng = random.Random(5)
+    scenes = [random_scene(rng, count=n) for n in (1, 3, 2)]
+    captions = [training_caption(s, rng) for s in scenes]
+    gen = torch.Generator().manual_seed(0)
+    cross = torch.rand(3, 64, 32, generator=gen).softmax(-1)
+    self_maps = torch.rand(3, 256, 256, generator=gen).softmax(-1)
+
+    def loss(rows):
+        store = SizedStore(rows=list(range(len(rows))))
+        store.add("cross", cross[rows], heads=1)
+        store.add("self", self_maps[rows], heads=1)
+        return localisation_loss(store, [scenes[r].masks for r in rows], [captions[r] for r in rows],
+                                 torch.zeros(len(rows), dtype=torch.long)).item()
+
+    terms = [len(s.objects) + 2 for s in scenes]  # background + each object (cross), one self term
+    one_by_one = sum(loss([r]) * n for r, n in enumerate(terms)) / sum(terms)
+    assert loss([0, 1, 2]) == pytest.approx(one_by_one, rel=1e-5)
+
+
+def test_batches_are_the_same_with_or_without_worker_processes():
+    from attencraft_core.toy.train import BatchStream
+
+    inline = BatchStream(seed=1, stage="unet", start=5, size=3, workers=0, device=torch.device("cpu"))
+    ahead = BatchStream(seed=1, stage="unet", start=5, size=3, workers=2, device=torch.device("cpu"))
+    try:
+        for _ in range(3):
+            (a, captions_a, masks_a), (b, captions_b, masks_b) = inline.next(), ahead.next()
+            assert torch.equal(a, b) and captions_a == captions_b
+            assert all(np.array_equal(x, y) for x, y in zip(masks_a, masks_b))
+        assert a.shape == (3, 3, 64, 64) and -1 <= a.min() and a.max() <= 1
+    finally:
+        ahead.close()
+
+
+def test_training_continues_an_exported_model(tmp_path):
+    from attencraft_core.toy.train import train
+
+    train(tmp_path / "first", minutes=60, vae_steps=1, batch=2, seed=0, export=tmp_path / "export", vae_batch=2,
+          max_steps=1)
+    log = train(tmp_path / "second", minutes=60, vae_steps=500, batch=2, seed=0, export=tmp_path / "again",
+                vae_batch=2, max_steps=2, decoder_steps=500, init=tmp_path / "export")
+    assert log["vae_step"] == 500 and log["decoder_step"] == 500 and log["unet_step"] == 2
+    before, after = load_components(tmp_path / "export"), load_components(tmp_path / "again")
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    assert all(torch.equal(x, y) for x, y in zip(before.vae.parameters(), after.vae.parameters()))
+    assert any(not torch.equal(x, y) for x, y in zip(before.unet.parameters(), after.unet.parameters()))

@@ -11,7 +11,8 @@ t < 500, each object word's cross-attention over pixels is pulled towards its ob
 token towards the background), and each pixel's self-attention at latent/2 towards the pixels of its own
 region. Large text-to-image models learn this from scale; a toy trained for an hour on two CPU cores does not
 (its attention stayed at chance without it), and the method reads exactly these maps. Checkpoints go to --work
-every few minutes; rerunning continues from the last one.
+every few minutes; rerunning continues from the last one. On an accelerator (--device auto picks it) worker
+processes render the scenes ahead; --init continues an exported model's stage 3.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..attention import AttentionStore, capture_attention
+from ..devices import resolve_device
 from ..encoding import encode_images
+from ..model_loading import load_components
 from ..outputs import atomic_write
 from ..tiny_models import save_components
 from .model import build_toy_components
@@ -41,11 +47,47 @@ from .world import random_scene, training_caption
 ATTENTION_T_MAX = 500  # localisation is supervised on steps where the image is still visible
 
 
-def scene_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str], list]:
+def make_batch(seed: int, stage: str, step: int, size: int) -> tuple[np.ndarray, list[str], list[np.ndarray]]:
+    """Step `step` of `stage`'s batch, the same on every run: uint8 pixels [B, 64, 64, 3], captions, exact masks."""
+    rng = random.Random(f"{seed}:{stage}:{step}")
     scenes = [random_scene(rng) for _ in range(size)]
-    pixels = torch.from_numpy(np.stack([np.asarray(s.image, np.float32) for s in scenes]) / 127.5 - 1)
+    pixels = np.stack([np.asarray(s.image, np.uint8) for s in scenes])
     captions = [training_caption(s, rng) if rng.random() > 0.1 else "" for s in scenes]
-    return pixels.permute(0, 3, 1, 2), captions, scenes
+    return pixels, captions, [s.masks for s in scenes]
+
+
+class BatchStream:
+    """A stage's batches from step `start` on, made ahead by `workers` processes (in this process when 0).
+
+    Rendering scenes takes about 0.6 ms each on one core: on a GPU that, not the model, would set the pace.
+    """
+
+    def __init__(self, seed: int, stage: str, start: int, size: int, workers: int, device: torch.device):
+        self.args, self.next_step, self.device = (seed, stage, size), start, device
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
+        self.ahead: deque = deque()
+        for _ in range(2 * workers):
+            self._submit()
+
+    def _submit(self) -> None:
+        seed, stage, size = self.args
+        self.ahead.append(self.pool.submit(make_batch, seed, stage, self.next_step, size))
+        self.next_step += 1
+
+    def next(self) -> tuple[torch.Tensor, list[str], list[np.ndarray]]:
+        """Pixels in [-1, 1], [B, 3, 64, 64] on the device; captions; masks."""
+        if self.pool:
+            pixels, captions, masks = self.ahead.popleft().result()
+            self._submit()
+        else:
+            pixels, captions, masks = make_batch(*self.args[:2], self.next_step, self.args[2])
+            self.next_step += 1
+        pixels = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return pixels, captions, masks
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def object_word_positions(caption: str) -> list[list[int]]:
@@ -66,59 +108,91 @@ class SizedStore(AttentionStore):
         super().add(f"{kind}{round(math.sqrt(probs.shape[1]))}", probs, heads)
 
 
-def localisation_loss(store: SizedStore, scenes: list, captions: list[str], t: torch.Tensor) -> torch.Tensor:
-    """Mean KL(target || attention) over the recorded maps of the captioned rows with t < ATTENTION_T_MAX."""
+def localisation_loss(store: SizedStore, masks: list[np.ndarray], captions: list[str],
+                      t: torch.Tensor) -> torch.Tensor:
+    """Mean KL(target || attention) over the recorded maps of the captioned rows with t < ATTENTION_T_MAX.
+
+    One term per (row, map size, region) for cross-attention (region = background or an object: each of its
+    words' attention over pixels against the region's area fractions, averaged over the words), one per
+    (row, map size) for self-attention (each pixel's attention against its own region's pixels).
+    """
     eps = 1e-8
-    terms = []
-    maps_by_key = {key: store.mean(key) for key in store.sums}  # [B, Q, tokens] or [B, Q, Q]
-    for b, (scene, caption) in enumerate(zip(scenes, captions)):
-        if not caption or int(t[b]) >= ATTENTION_T_MAX:
-            continue
-        masks = torch.from_numpy(scene.masks).float()[None]
-        regions_by_side = {}
-        for key, maps in maps_by_key.items():
-            side = round(math.sqrt(maps.shape[1]))
-            if side not in regions_by_side:  # background first, then each object, as area fractions
-                objects = F.adaptive_avg_pool2d(masks, side)[0]
-                regions_by_side[side] = torch.cat([(1 - objects.sum(0, keepdim=True)).clamp_min(0),
-                                                   objects]).flatten(1)
-            regions = regions_by_side[side]
-            if key.startswith("cross"):
-                for region, positions in zip(regions, [[0]] + object_word_positions(caption)):
-                    q = region / region.sum()
-                    p = maps[b][:, positions] / maps[b][:, positions].sum(0, keepdim=True)
-                    terms.append((q[:, None] * ((q[:, None] + eps).log() - (p + eps).log())).sum(0).mean())
-            else:
-                labels = regions.argmax(0)
-                same = (labels[:, None] == labels[None, :]).float()
-                q = same / same.sum(1, keepdim=True)
-                terms.append((q * ((q + eps).log() - (maps[b] + eps).log())).sum(1).mean())
-    return torch.stack(terms).mean() if terms else torch.zeros(())
+    rows = [b for b, (caption, step) in enumerate(zip(captions, t.tolist())) if caption and step < ATTENTION_T_MAX]
+    if not rows:
+        return torch.zeros(())
+    maps_by_key = {key: store.mean(key)[rows] for key in store.sums}  # [N, Q, tokens] or [N, Q, Q]
+    device = next(iter(maps_by_key.values())).device
+    groups = [[[0]] + object_word_positions(captions[b]) for b in rows]  # start token = background
+    regions_count = max(len(g) for g in groups)
+    objects = torch.zeros(len(rows), regions_count - 1, *masks[rows[0]].shape[-2:])
+    tokens = max(maps.shape[-1] for key, maps in maps_by_key.items() if key.startswith("cross"))
+    select = torch.zeros(len(rows), regions_count, tokens)
+    present = torch.zeros(len(rows), regions_count, dtype=torch.bool)
+    for i, (b, positions) in enumerate(zip(rows, groups)):
+        objects[i, : len(masks[b])] = torch.from_numpy(masks[b])
+        for r, group in enumerate(positions):
+            select[i, r, group], present[i, r] = 1.0, True
+    objects, select, present = objects.to(device), select.to(device), present.to(device)
+    total, count, regions_by_side = torch.zeros((), device=device), 0, {}
+    for key, maps in maps_by_key.items():
+        side = round(math.sqrt(maps.shape[1]))
+        if side not in regions_by_side:  # [N, regions, Q] area fractions: background, then each object
+            pooled = F.adaptive_avg_pool2d(objects, side)
+            background = (1 - pooled.sum(1, keepdim=True)).clamp_min(0)
+            regions_by_side[side] = torch.cat([background, pooled], 1).flatten(2)
+        regions = regions_by_side[side]
+        if key.startswith("cross"):
+            q = regions / regions.sum(2, keepdim=True).clamp_min(eps)  # [N, regions, Q]
+            p = maps / maps.sum(1, keepdim=True).clamp_min(eps)  # each token's attention over pixels
+            kl = (q * (q + eps).log()).sum(2, keepdim=True) - q @ (p + eps).log()  # [N, regions, tokens]
+            per_region = (kl * select).sum(2) / select.sum(2).clamp_min(1)  # mean over the region's words
+            total, count = total + per_region[present].sum(), count + int(present.sum())
+        else:
+            labels = regions.argmax(1)
+            same = (labels[:, :, None] == labels[:, None, :]).float()
+            q = same / same.sum(2, keepdim=True)
+            total, count = total + (q * ((q + eps).log() - (maps + eps).log())).sum(2).mean(1).sum(), count + len(rows)
+    return total / count
 
 
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Per-sample epsilon-loss weights min(SNR, gamma) / SNR (Hang et al., 2023): less weight on nearly clean steps."""
-    alpha_bar = scheduler.alphas_cumprod[t]
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(max=gamma) / snr
 
 
 def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, export: Path | None,
           vae_batch: int = 16, max_steps: int | None = None, decoder_steps: int = 0, lr: float = 6e-4,
-          ema_decay: float = 0.999, attention_weight: float = 0.03) -> dict:
-    """All three stages; the UNet stage stops at the time budget or at max_steps UNet steps, whichever first."""
+          ema_decay: float = 0.999, attention_weight: float = 0.03, device: str | None = "cpu",
+          workers: int = 0, init: Path | None = None) -> dict:
+    """All three stages; the UNet stage stops at the time budget or at max_steps UNet steps, whichever first.
+
+    `init`: start from an exported toy model instead (its VAE counts as trained; stage 3 continues its UNet and
+    text encoder). `workers`: processes that render the scenes ahead (worth it on a GPU).
+    """
     work.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    if device.type != "cpu":
+        torch.set_float32_matmul_precision("high")  # TF32 where the accelerator has it
     torch.manual_seed(seed)
-    comps = build_toy_components(seed)
     ckpt_path = work / "toy_checkpoint.pt"
-    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.is_file() else None
-    rng = random.Random(seed)
+    state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if ckpt_path.is_file() else None
+    log = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "seconds": 0.0, "losses": []}
+    if init and not state:
+        comps = load_components(init)
+        log.update(vae_step=vae_steps, decoder_step=decoder_steps, init=str(init),
+                   scaling_factor=float(comps.vae.config.scaling_factor))
+    else:
+        comps = build_toy_components(seed)
+    comps.to(device)
+    for module in (comps.unet, comps.vae, comps.text_encoder):
+        module.requires_grad_(True)
     vae_opt = torch.optim.AdamW(comps.vae.parameters(), lr=1e-3)
     params = list(comps.unet.parameters()) + list(comps.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     dec_params = list(comps.vae.post_quant_conv.parameters()) + list(comps.vae.decoder.parameters())
     dec_opt = torch.optim.AdamW(dec_params, lr=5e-4)
-    log = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "seconds": 0.0, "losses": []}
     if state:
         comps.vae.load_state_dict(state["vae"])
         comps.unet.load_state_dict(state["unet"])
@@ -127,17 +201,16 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         opt.load_state_dict(state["opt"])
         if "dec_opt" in state:
             dec_opt.load_state_dict(state["dec_opt"])
-        rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         log = {"decoder_step": 0, **state["log"]}
         print(f"resumed: VAE step {log['vae_step']}, UNet step {log['unet_step']}, {log['seconds'] / 60:.1f} min")
 
-    ema = state["ema"] if state and "ema" in state else [p.detach().clone() for p in params]
+    ema = [e.to(device) for e in state["ema"]] if state and "ema" in state else [p.detach().clone() for p in params]
 
     def save():
         data = {"vae": comps.vae.state_dict(), "unet": comps.unet.state_dict(),
                 "text_encoder": comps.text_encoder.state_dict(), "vae_opt": vae_opt.state_dict(),
-                "opt": opt.state_dict(), "dec_opt": dec_opt.state_dict(), "ema": ema, "rng": rng.getstate(),
+                "opt": opt.state_dict(), "dec_opt": dec_opt.state_dict(), "ema": ema,
                 "torch_rng": torch.get_rng_state(), "log": log}
         atomic_write(ckpt_path, lambda tmp: torch.save(data, tmp))
 
@@ -156,8 +229,10 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     start, last_save = time.time() - log["seconds"], time.time()
     comps.vae.train()
     bar = tqdm(total=vae_steps, initial=log["vae_step"], desc="VAE", unit="step")
+    stream = BatchStream(seed, "vae", log["vae_step"], vae_batch, workers if log["vae_step"] < vae_steps else 0,
+                         device)
     while log["vae_step"] < vae_steps:
-        pixels, _, _ = scene_batch(rng, vae_batch)
+        pixels = stream.next()[0]
         posterior = comps.vae.encode(pixels).latent_dist
         recon = comps.vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, pixels) + 1e-6 * posterior.kl().mean()
@@ -165,14 +240,17 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         vae_opt.step()
         vae_opt.zero_grad(set_to_none=True)
         step_done("vae_step", bar, loss=f"{loss.item():.4f}")
+    stream.close()
     bar.close()
     comps.vae.eval().requires_grad_(False)
     comps.vae.decoder.train()
     for p in dec_params:
         p.requires_grad_(True)
     bar = tqdm(total=decoder_steps, initial=log["decoder_step"], desc="VAE decoder", unit="step")
+    stream = BatchStream(seed, "decoder", log["decoder_step"], vae_batch,
+                         workers if log["decoder_step"] < decoder_steps else 0, device)
     while log["decoder_step"] < decoder_steps:
-        pixels, _, _ = scene_batch(rng, vae_batch)
+        pixels = stream.next()[0]
         with torch.no_grad():
             latents = comps.vae.encode(pixels).latent_dist.mean
         recon = comps.vae.decode(latents).sample
@@ -181,24 +259,27 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         dec_opt.step()
         dec_opt.zero_grad(set_to_none=True)
         step_done("decoder_step", bar, loss=f"{loss.item():.4f}")
+    stream.close()
     bar.close()
     comps.vae.eval().requires_grad_(False)
     if "scaling_factor" not in log:
+        stream = BatchStream(seed, "scale", 0, batch, 0, device)
         with torch.no_grad():
-            latents = torch.cat([comps.vae.encode(scene_batch(rng, batch)[0]).latent_dist.mean for _ in range(8)])
+            latents = torch.cat([comps.vae.encode(stream.next()[0]).latent_dist.mean for _ in range(8)])
         log["scaling_factor"] = float(1.0 / latents.std())
     comps.vae.register_to_config(scaling_factor=log["scaling_factor"])
 
     comps.unet.train()
     comps.text_encoder.train()
     bar = tqdm(desc="UNet", unit="step", initial=log["unet_step"])
+    stream = BatchStream(seed, "unet", log["unet_step"], batch, workers, device)
     while time.time() - start < budget and (max_steps is None or log["unet_step"] < max_steps):
-        pixels, captions, scenes = scene_batch(rng, batch)
+        pixels, captions, masks = stream.next()
         latents = encode_images(comps, pixels)
         ids = comps.tokenizer(captions, padding="max_length", max_length=comps.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+                              truncation=True, return_tensors="pt").input_ids.to(device)
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (batch,), device=device)
         store = SizedStore(rows=list(range(batch)))
         recording = capture_attention(comps.unet, store, cross_factor=(2, 4), self_factor=2) if attention_weight \
             else contextlib.nullcontext()
@@ -208,7 +289,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(comps.noise_scheduler, t)).mean()
         if attention_weight:
-            attn = localisation_loss(store, scenes, captions, t)
+            attn = localisation_loss(store, masks, captions, t)
             loss = loss + attention_weight * attn
             log.setdefault("attention_losses", []).append(round(attn.item(), 5))
         loss.backward()
@@ -224,6 +305,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         step_done("unet_step", bar, loss=f"{np.mean(log['losses'][-50:]):.4f}",
                   minutes=f"{(time.time() - start) / 60:.1f}",
                   attn=f"{np.mean(log.get('attention_losses', [0])[-50:]):.3f}")
+    stream.close()
     bar.close()
     log["seconds"] = time.time() - start
     save()
@@ -233,6 +315,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
                 p.copy_(e)
         comps.unet.eval()
         comps.text_encoder.eval()
+        comps.to(torch.device("cpu"))
         out = save_components(comps, export)
         for sub in ("unet", "vae", "text_encoder"):  # fp16 on disk keeps the package small
             module = getattr(comps, sub)
@@ -240,6 +323,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
             module.float()
         summary = {k: v for k, v in log.items() if k not in ("losses", "attention_losses")}
         summary["final_loss_mean_last_200"] = float(np.mean(log["losses"][-200:]))
+        summary["device"] = str(device)
         (out / "training_log.json").write_text(json.dumps(summary, indent=2))
         print(f"exported to {out}")
     return log
@@ -259,11 +343,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attention-weight", type=float, default=0.03,
                    help="weight of the attention-localisation loss (0 = plain diffusion training)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (the accelerator if there is one), cpu, cuda, mps...")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes rendering scenes ahead (default: none on the CPU, up to 8 on an accelerator)")
+    p.add_argument("--init", default=None, help="continue from an exported toy model (skips stages 1-2)")
     p.add_argument("--export", default=None, help="write the trained model as a diffusers folder here")
     args = p.parse_args(argv)
+    workers = args.workers
+    if workers is None:
+        workers = 0 if resolve_device(args.device).type == "cpu" else min(8, max(0, (os.cpu_count() or 1) - 2))
     train(Path(args.work), args.minutes, args.vae_steps, args.batch, args.seed,
           Path(args.export) if args.export else None, args.vae_batch, args.max_steps, args.decoder_steps, args.lr,
-          attention_weight=args.attention_weight)
+          attention_weight=args.attention_weight, device=args.device, workers=workers,
+          init=Path(args.init) if args.init else None)
 
 
 if __name__ == "__main__":

@@ -179,12 +179,13 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     ckpt_path = work / "toy_checkpoint.pt"
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if ckpt_path.is_file() else None
     log = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "seconds": 0.0, "losses": []}
-    if init and not state:
-        comps = load_components(init)
+    comps = build_toy_components(seed)
+    if init and not state:  # its weights into fresh modules, so the export has the same files as any other
+        trained = load_components(init)
+        for name in ("unet", "vae", "text_encoder"):
+            getattr(comps, name).load_state_dict(getattr(trained, name).state_dict())
         log.update(vae_step=vae_steps, decoder_step=decoder_steps, init=str(init),
-                   scaling_factor=float(comps.vae.config.scaling_factor))
-    else:
-        comps = build_toy_components(seed)
+                   scaling_factor=float(trained.vae.config.scaling_factor))
     comps.to(device)
     for module in (comps.unet, comps.vae, comps.text_encoder):
         module.requires_grad_(True)

@@ -57,13 +57,13 @@ def test_demo_runs_end_to_end(untrained_toy_dir, tmp_path, planted_attention):
 
 @needs_weights
 def test_trained_model_generates_what_the_caption_asks(untrained_toy_dir):
-    """Offline, seeded, 20 steps: an object of the asked colour (the toy draws colours reliably, shapes rarely)."""
+    """Offline, seeded, 20 steps: an object of the asked colour and shape, judged."""
     comps = load_components(toy_model_dir())
     assert comps.text_encoder.dtype == torch.float32
-    asked = ["red", "blue", "yellow", "green"]
-    images = generate(comps, [f"a photo of a {c} circle" for c in asked], seed=0, steps=20, cfg=5.0)
-    found = [any(d.colour == c for d in analyse(im)) for c, im in zip(asked, images)]
-    assert sum(found) >= 3, f"the judge found the asked colour in {found}"
+    asked = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("green", "diamond")]
+    images = generate(comps, [f"a photo of a {c} {s}" for c, s in asked], seed=0, steps=20, cfg=5.0)
+    found = [any((d.colour, d.shape) == pair for d in analyse(im)) for pair, im in zip(asked, images)]
+    assert sum(found) >= 3, f"the judge found the asked colour and shape in {found}"
     random_images = generate(load_components(untrained_toy_dir), ["a photo of a red circle"] * 2, seed=0, steps=20, cfg=5.0)
     assert not any(any(d.colour == "red" for d in analyse(im)) for im in random_images)
 

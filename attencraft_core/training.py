@@ -70,6 +70,10 @@ class TrainOptions:
         if self.two_phase and not 0 < self.phase1_steps < self.steps:
             raise AttenCraftError(f"With two phases, phase-1 steps ({self.phase1_steps}) must be between 1 and "
                                   f"steps - 1 ({self.steps - 1}).")
+        if self.masks.resolution is not None and self.masks.resolution != self.resolution:
+            raise AttenCraftError(f"Training extracts its masks from the training image at the training resolution "
+                                  f"({self.resolution or 'the model default'}), not at {self.masks.resolution} px: "
+                                  f"set the training resolution instead, or leave the masks' resolution unset.")
         if self.prior_weight > 0 and self.num_class_images < 1:
             raise AttenCraftError("Prior preservation needs at least one class image (or --prior-weight 0).")
 

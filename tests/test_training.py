@@ -279,6 +279,14 @@ def test_steps_below_one(tiny, tmp_path):
         make_trainer(tiny, tmp_path, steps=0)
 
 
+def test_a_mask_resolution_other_than_the_training_one_is_refused():
+    from attencraft_core.masks import MaskOptions
+
+    with pytest.raises(AttenCraftError, match="not at 128 px: set the training resolution instead"):
+        TrainOptions(masks=MaskOptions(resolution=128)).check()
+    TrainOptions(resolution=128, masks=MaskOptions(resolution=128)).check()  # what the CLI's --resolution sets
+
+
 def test_out_of_memory_names_the_options_that_lower_memory(tiny, tmp_path, monkeypatch):
     trainer = make_trainer(tiny, tmp_path)
 

@@ -77,7 +77,7 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
         from .toy.evaluate import mask_iou
         report["mask_iou"] = [round(mask_iou(m.numpy(), t), 4) for m, t in zip(result.masks, scene.masks)]
         log(f"mask IoU against the exact masks: {report['mask_iou']}")
-    steps = steps or (150 if toy else 500)
+    steps = steps or (400 if toy else 500)
     opts = TrainOptions(steps=steps, seed=seed, checkpoint_every=steps, rank=8 if toy else 16,
                         lr=5e-4 if toy else 1e-4,
                         class_prompt=TOY_CLASS_PROMPT if toy else TrainOptions.class_prompt,

@@ -2,8 +2,8 @@
 
 1. Mask quality: mean IoU of extracted masks against the exact masks, on fixed held-out 2- and 3-object scenes
    (a refused scene counts as IoU 0), with the paper's settings and at twice the resolution. Each concept's
-   initializer word is its colour: the toy model binds colour words to places, shape words far less (its
-   shapes are weak; docs/toy_model.md), and with shape words most extractions are refused.
+   initializer word is its colour: the toy model binds colour words to places; with shape words most
+   extractions are refused (9 of 10 held-out scenes at 128 px, after the GPU rounds; docs/toy_model.md).
 2. Learned concepts: for several held-out two-object scenes, train, then judge images of "a photo of <ci>"
    (fidelity: shows concept i; leakage: also shows the other concept's shape or colour), of the prompt with both
    (joint fidelity), and the gap between the two concepts' fidelities at evaluation points during training.
@@ -120,10 +120,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(toy_model_dir()))
     ap.add_argument("--mask-scenes", type=int, default=20)
-    ap.add_argument("--train-scenes", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--train-scenes", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--images", type=int, default=8, help="images per prompt and evaluation")
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--policies", default="adaptive,uniform,union")
     ap.add_argument("--variants", default="full,no masked loss,no attention loss")
     ap.add_argument("--work", default="out/bench-quality")

@@ -112,7 +112,6 @@ def test_decoder_sharpening_keeps_the_latent_space_the_unet_learned(tmp_path):
 
 def test_object_word_positions_point_at_each_objects_tokens():
     from attencraft_core.toy.train import object_word_positions
-    from attencraft_core.toy.world import training_caption
 
     tokenizer = build_toy_components().tokenizer
     rng = random.Random(0)

@@ -59,28 +59,31 @@ def make_batch(seed: int, stage: str, step: int, size: int) -> tuple[np.ndarray,
 class BatchStream:
     """A stage's batches from step `start` on, made ahead by `workers` processes (in this process when 0).
 
-    Rendering scenes takes about 0.6 ms each on one core: on a GPU that, not the model, would set the pace.
+    Rendering scenes takes about 0.6 ms each on one core: on a GPU that, not the model, would set the pace. The
+    processes start with the first batch asked for, so a stage that is already done starts none.
     """
 
     def __init__(self, seed: int, stage: str, start: int, size: int, workers: int, device: torch.device):
-        self.args, self.next_step, self.device = (seed, stage, size), start, device
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
+        self.seed, self.stage, self.size, self.workers, self.device = seed, stage, size, workers, device
+        self.next_step = start
+        self.pool: ProcessPoolExecutor | None = None
         self.ahead: deque = deque()
-        for _ in range(2 * workers):
-            self._submit()
 
     def _submit(self) -> None:
-        seed, stage, size = self.args
-        self.ahead.append(self.pool.submit(make_batch, seed, stage, self.next_step, size))
+        self.ahead.append(self.pool.submit(make_batch, self.seed, self.stage, self.next_step, self.size))
         self.next_step += 1
 
     def next(self) -> tuple[torch.Tensor, list[str], list[np.ndarray]]:
         """Pixels in [-1, 1], [B, 3, 64, 64] on the device; captions; masks."""
+        if self.workers and self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(2 * self.workers):
+                self._submit()
         if self.pool:
             pixels, captions, masks = self.ahead.popleft().result()
             self._submit()
         else:
-            pixels, captions, masks = make_batch(*self.args[:2], self.next_step, self.args[2])
+            pixels, captions, masks = make_batch(self.seed, self.stage, self.next_step, self.size)
             self.next_step += 1
         pixels = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
         return pixels, captions, masks
@@ -187,8 +190,6 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         log.update(vae_step=vae_steps, decoder_step=decoder_steps, init=str(init),
                    scaling_factor=float(trained.vae.config.scaling_factor))
     comps.to(device)
-    for module in (comps.unet, comps.vae, comps.text_encoder):
-        module.requires_grad_(True)
     vae_opt = torch.optim.AdamW(comps.vae.parameters(), lr=1e-3)
     params = list(comps.unet.parameters()) + list(comps.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -230,8 +231,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     start, last_save = time.time() - log["seconds"], time.time()
     comps.vae.train()
     bar = tqdm(total=vae_steps, initial=log["vae_step"], desc="VAE", unit="step")
-    stream = BatchStream(seed, "vae", log["vae_step"], vae_batch, workers if log["vae_step"] < vae_steps else 0,
-                         device)
+    stream = BatchStream(seed, "vae", log["vae_step"], vae_batch, workers, device)
     while log["vae_step"] < vae_steps:
         pixels = stream.next()[0]
         posterior = comps.vae.encode(pixels).latent_dist
@@ -248,8 +248,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     for p in dec_params:
         p.requires_grad_(True)
     bar = tqdm(total=decoder_steps, initial=log["decoder_step"], desc="VAE decoder", unit="step")
-    stream = BatchStream(seed, "decoder", log["decoder_step"], vae_batch,
-                         workers if log["decoder_step"] < decoder_steps else 0, device)
+    stream = BatchStream(seed, "decoder", log["decoder_step"], vae_batch, workers, device)
     while log["decoder_step"] < decoder_steps:
         pixels = stream.next()[0]
         with torch.no_grad():

@@ -62,7 +62,8 @@ class TrainOptions:
     resolution: int | None = None
     masks: MaskOptions = field(default_factory=MaskOptions)
 
-    def check(self) -> None:
+    def check(self, native_resolution: int | None = None) -> None:
+        """Refuse inconsistent settings; `native_resolution` is the model's (what an unset resolution means)."""
         if self.steps < 1:
             raise AttenCraftError(f"Steps must be at least 1, got {self.steps}.")
         if self.lr <= 0:
@@ -70,9 +71,10 @@ class TrainOptions:
         if self.two_phase and not 0 < self.phase1_steps < self.steps:
             raise AttenCraftError(f"With two phases, phase-1 steps ({self.phase1_steps}) must be between 1 and "
                                   f"steps - 1 ({self.steps - 1}).")
-        if self.masks.resolution is not None and self.masks.resolution != self.resolution:
+        resolution = self.resolution or native_resolution
+        if self.masks.resolution is not None and self.masks.resolution != resolution:
             raise AttenCraftError(f"Training extracts its masks from the training image at the training resolution "
-                                  f"({self.resolution or 'the model default'}), not at {self.masks.resolution} px: "
+                                  f"({resolution or 'the model default'}), not at {self.masks.resolution} px: "
                                   f"set the training resolution instead, or leave the masks' resolution unset.")
         if self.prior_weight > 0 and self.num_class_images < 1:
             raise AttenCraftError("Prior preservation needs at least one class image (or --prior-weight 0).")
@@ -118,7 +120,7 @@ class Trainer:
                  class_images: list[Image.Image] | None = None, cache_dir: str | Path | None = None,
                  callback=None, log=print):
         self.opts = opts or TrainOptions()
-        self.opts.check()
+        self.opts.check(comps.native_resolution)
         self.comps, self.concepts, self.callback, self.log = comps, concepts, callback, log
         self.out = ensure_out_dir(out_dir)
         self.device = comps.device

@@ -285,6 +285,9 @@ def test_a_mask_resolution_other_than_the_training_one_is_refused():
     with pytest.raises(AttenCraftError, match="not at 128 px: set the training resolution instead"):
         TrainOptions(masks=MaskOptions(resolution=128)).check()
     TrainOptions(resolution=128, masks=MaskOptions(resolution=128)).check()  # what the CLI's --resolution sets
+    TrainOptions(masks=MaskOptions(resolution=64)).check(native_resolution=64)  # the model's own size
+    with pytest.raises(AttenCraftError, match=r"resolution \(64\), not at 128 px"):
+        TrainOptions(masks=MaskOptions(resolution=128)).check(native_resolution=64)
 
 
 def test_out_of_memory_names_the_options_that_lower_memory(tiny, tmp_path, monkeypatch):

@@ -15,7 +15,6 @@ from .errors import AttenCraftError
 from .outputs import ensure_out_dir, save_image, write_json
 
 EXAMPLE_SCENE = Path(__file__).resolve().parents[1] / "examples" / "toy_scene.json"
-TOY_CLASS_PROMPT = "a photo of a shape"
 
 
 def load_scene(path: Path = EXAMPLE_SCENE):
@@ -77,11 +76,12 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
         from .toy.evaluate import mask_iou
         report["mask_iou"] = [round(mask_iou(m.numpy(), t), 4) for m, t in zip(result.masks, scene.masks)]
         log(f"mask IoU against the exact masks: {report['mask_iou']}")
-    steps = steps or (400 if toy else 500)
-    opts = TrainOptions(steps=steps, seed=seed, checkpoint_every=steps, rank=8 if toy else 16,
-                        lr=5e-4 if toy else 1e-4,
-                        class_prompt=TOY_CLASS_PROMPT if toy else TrainOptions.class_prompt,
-                        num_class_images=4 if toy else 8, class_steps=20 if toy else 25)
+    if toy:
+        from .toy.model import concept_training_options
+        opts = concept_training_options(steps, seed=seed)
+    else:
+        opts = TrainOptions(steps=steps or 500, seed=seed, checkpoint_every=steps or 500)
+    steps = opts.steps
     log(f"training {steps} steps")
     trainer = Trainer(comps, image, concept_list, out / "run", opts, cache_dir=out / "cache", log=log)
     trained = trainer.run("demo")

@@ -34,9 +34,9 @@ from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
 from attencraft_core.model_loading import load_components  # noqa: E402
 from attencraft_core.toy.evaluate import judge_concept_image, judge_joint_image, mask_iou, rates  # noqa: E402
 from attencraft_core.toy.judge import analyse  # noqa: E402
-from attencraft_core.toy.model import toy_model_dir  # noqa: E402
+from attencraft_core.toy.model import concept_training_options, toy_model_dir  # noqa: E402
 from attencraft_core.toy.world import random_scene  # noqa: E402
-from attencraft_core.training import Trainer, TrainOptions  # noqa: E402
+from attencraft_core.training import Trainer  # noqa: E402
 
 VARIANTS = {"full": {}, "no masked loss": {"masked_loss": False}, "no attention loss": {"attention_weight": 0.0}}
 
@@ -106,8 +106,7 @@ def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, 
             ev = evaluate(comps, scene, placeholders, images, seed=500)
             gaps.append((step, abs(ev["fidelity"][0] - ev["fidelity"][1])))
 
-    opts = TrainOptions(steps=steps, lr=5e-4, rank=8, policy=policy, checkpoint_every=steps,
-                        class_prompt="a photo of a shape", num_class_images=4, class_steps=20, **variant)
+    opts = concept_training_options(steps, policy=policy, **variant)
     trainer = Trainer(comps, scene.image, concepts, work, opts, cache_dir=work / "cache", callback=callback,
                       log=lambda s: None)
     trainer.run("bench")
@@ -121,9 +120,9 @@ def main() -> None:
     ap.add_argument("--model", default=str(toy_model_dir()))
     ap.add_argument("--mask-scenes", type=int, default=20)
     ap.add_argument("--train-scenes", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--images", type=int, default=8, help="images per prompt and evaluation")
-    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--policies", default="adaptive,uniform,union")
     ap.add_argument("--variants", default="full,no masked loss,no attention loss")
     ap.add_argument("--work", default="out/bench-quality")

@@ -38,7 +38,8 @@ from attencraft_core.toy.model import concept_training_options, toy_model_dir  #
 from attencraft_core.toy.world import random_scene  # noqa: E402
 from attencraft_core.training import Trainer  # noqa: E402
 
-VARIANTS = {"full": {}, "no masked loss": {"masked_loss": False}, "no attention loss": {"attention_weight": 0.0}}
+VARIANTS = {"full": {}, "no masked loss": {"masked_loss": False}, "no attention loss": {"attention_weight": 0.0},
+            "half-masked loss": {"unmasked_term": True}}  # the last: the reference code's loss, not in the defaults
 
 
 MASK_SETTINGS = {"paper defaults, 64 px": MaskOptions(seed=0),

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="an SD 1.x/2.x diffusers folder instead of the toy model")
     p.add_argument("--image", default=None, help="the image, with --model")
     p.add_argument("--concepts", default=None, help='comma-separated concept words, with --model (e.g. "cat,dog")')
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 400 on the toy model, else 500)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 800 on the toy model, else 500)")
     p.add_argument("--images", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.set_defaults(func=cmd_demo)

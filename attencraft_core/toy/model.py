@@ -13,6 +13,7 @@ import torch
 
 from ..model_loading import SDComponents
 from ..tiny_models import build_word_tokenizer
+from ..training import TrainOptions
 from .world import VOCABULARY
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -51,15 +52,13 @@ def toy_model_dir() -> Path:
 CLASS_PROMPT = "a photo of a shape"
 
 
-def concept_training_options(steps: int | None = None, **overrides):
+def concept_training_options(steps: int | None = None, **overrides) -> TrainOptions:
     """TrainOptions for learning concepts on the toy model (the demo's and bench/quality.py's).
 
     Wider and higher-rank LoRA than the SD default (all attention and feed-forward layers, rank 16) and a
     higher learning rate: with key/value LoRA at rank 8 the concepts kept their colour but mostly not their
     shape (docs/quality.md).
     """
-    from ..training import TrainOptions
-
     steps = steps or 800
     settings = dict(steps=steps, lr=5e-4, rank=16, targets="all", checkpoint_every=steps,
                     class_prompt=CLASS_PROMPT, num_class_images=4, class_steps=20)

@@ -123,7 +123,7 @@ def cmd_train(args) -> int:
         steps=args.steps, lr=args.lr, embedding_lr=args.embedding_lr, weight_decay=args.weight_decay,
         rank=args.rank, alpha=args.alpha, targets=args.targets, policy=args.policy, seed=args.seed,
         masked_loss=not args.no_masked_loss, unmasked_term=args.unmasked_term,
-        attention_weight=args.attention_weight, prior_weight=args.prior_weight, class_prompt=args.class_prompt,
+        loss_mask_margin=args.loss_mask_margin, attention_weight=args.attention_weight, prior_weight=args.prior_weight, class_prompt=args.class_prompt,
         num_class_images=args.num_class_images, class_steps=args.class_steps, refresh_every=args.refresh_every,
         ssim_min=args.ssim_min, checkpoint_every=args.checkpoint_every, two_phase=args.two_phase,
         phase1_steps=args.phase1_steps, phase1_lr=args.phase1_lr, precision=args.precision,
@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-masked-loss", action="store_true", help="use the plain diffusion loss on the whole image")
     p.add_argument("--unmasked-term", action="store_true",
                    help="add the full-image loss to the masked loss (half each, as the reference code)")
+    p.add_argument("--loss-mask-margin", type=int, default=d.loss_mask_margin,
+                   help="grow each concept's mask by this many latent pixels in the masked loss, not into another "
+                        f"concept's mask (default {d.loss_mask_margin})")
     p.add_argument("--attention-weight", type=float, default=d.attention_weight,
                    help=f"weight of the cross-attention JSD loss, 0 disables it (default {d.attention_weight})")
     p.add_argument("--prior-weight", type=float, default=d.prior_weight,

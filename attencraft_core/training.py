@@ -46,6 +46,7 @@ class TrainOptions:
     seed: int = 0
     masked_loss: bool = True
     unmasked_term: bool = False
+    loss_mask_margin: int = 0          # latent pixels the masked loss's mask is grown by (not into other concepts)
     attention_weight: float = 1.0
     prior_weight: float = 1.0
     class_prompt: str = "a photo at the beach"
@@ -66,6 +67,9 @@ class TrainOptions:
         """Refuse inconsistent settings; `native_resolution` is the model's (what an unset resolution means)."""
         if self.steps < 1:
             raise AttenCraftError(f"Steps must be at least 1, got {self.steps}.")
+        if self.loss_mask_margin < 0:
+            raise AttenCraftError(f"The loss mask margin is a number of latent pixels (0 or more), got "
+                                  f"{self.loss_mask_margin}.")
         if self.lr <= 0:
             raise AttenCraftError(f"Learning rate must be positive, got {self.lr}.")
         if self.two_phase and not 0 < self.phase1_steps < self.steps:
@@ -218,8 +222,7 @@ class Trainer:
             pred = comps.unet(noisy, t, encode_prompts(comps, prompts)).sample
         target = self._target(latents, noise, t)
 
-        union = self.masks[chosen].any(0).float()[None, None].to(self.device)
-        latent_mask = F.interpolate(union, size=latents.shape[-2:], mode="nearest")
+        latent_mask = self.loss_mask(chosen, latents.shape[-2:]).to(self.device)
         losses = {"instance": masked_diffusion_loss(pred[:1], target[:1], latent_mask if o.masked_loss else None,
                                                     o.unmasked_term)}
         if o.prior_weight > 0:
@@ -244,6 +247,19 @@ class Trainer:
                   **{k: float(v.detach()) for k, v in losses.items()}}
         self.history.append(record)
         return record
+
+    def loss_mask(self, chosen: list[int], size: tuple[int, int]) -> torch.Tensor:
+        """[1, 1, h, w] float mask of the masked loss at latent size: the chosen concepts' masks, grown by
+        `loss_mask_margin` latent pixels (attention masks tend to miss an object's edges) but never into another
+        concept's mask."""
+        masks = F.interpolate(self.masks.float()[None], size=size, mode="nearest")[0] > 0.5
+        union = masks[chosen].any(0)
+        margin = self.opts.loss_mask_margin
+        if margin:
+            grown = F.max_pool2d(union.float()[None, None], 2 * margin + 1, stride=1, padding=margin)[0, 0] > 0.5
+            others = masks[[i for i in range(len(masks)) if i not in chosen]].any(0)
+            union = union | (grown & ~others)
+        return union.float()[None, None]
 
     def refresh_masks(self, step: int) -> None:
         """Re-derive the masks with the current model; keep them only if one-to-one and SSIM >= ssim_min."""

@@ -225,6 +225,28 @@ def test_class_images_are_generated_once_then_cached(tiny, tmp_path, monkeypatch
     assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first, again)] == [True, True]
 
 
+def test_the_loss_mask_grows_by_its_margin_but_never_into_another_concept(tiny, tmp_path):
+    trainer = make_trainer(tiny, tmp_path)
+    trainer.masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    trainer.masks[0, 1, 1] = True  # concept 0: one cell; at 8x8 rows 2-3, columns 2-3
+    trainer.masks[1, 1, 2] = True  # concept 1: its right-hand neighbour; at 8x8 rows 2-3, columns 4-5
+    plain = torch.zeros(8, 8, dtype=torch.bool)
+    plain[2:4, 2:4] = True
+    assert torch.equal(trainer.loss_mask([0], (8, 8))[0, 0].bool(), plain)
+    both = plain.clone()
+    both[2:4, 4:6] = True
+    assert torch.equal(trainer.loss_mask([0, 1], (8, 8))[0, 0].bool(), both)
+
+    trainer.opts.loss_mask_margin = 1
+    grown = torch.zeros(8, 8, dtype=torch.bool)
+    grown[1:5, 1:5] = True
+    grown[2:4, 4] = False  # concept 1's pixels stay out of concept 0's loss
+    assert torch.equal(trainer.loss_mask([0], (8, 8))[0, 0].bool(), grown)
+    grown_both = torch.zeros(8, 8, dtype=torch.bool)
+    grown_both[1:5, 1:7] = True
+    assert torch.equal(trainer.loss_mask([0, 1], (8, 8))[0, 0].bool(), grown_both)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 
 def test_mask_count_must_match_concepts(tiny, tmp_path):
@@ -277,6 +299,11 @@ def test_unwritable_output_folder(tiny, tmp_path):
 def test_steps_below_one(tiny, tmp_path):
     with pytest.raises(AttenCraftError, match="Steps must be at least 1"):
         make_trainer(tiny, tmp_path, steps=0)
+
+
+def test_a_negative_loss_mask_margin_is_refused(tiny, tmp_path):
+    with pytest.raises(AttenCraftError, match="loss mask margin is a number of latent pixels"):
+        make_trainer(tiny, tmp_path, loss_mask_margin=-1)
 
 
 def test_a_mask_resolution_other_than_the_training_one_is_refused():

@@ -80,7 +80,7 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
         from .toy.model import concept_training_options
         opts = concept_training_options(steps, seed=seed)
     else:
-        opts = TrainOptions(steps=steps or 500, seed=seed, checkpoint_every=steps or 500)
+        opts = TrainOptions(seed=seed) if steps is None else TrainOptions(steps=steps, seed=seed)
     steps = opts.steps
     log(f"training {steps} steps")
     trainer = Trainer(comps, image, concept_list, out / "run", opts, cache_dir=out / "cache", log=log)

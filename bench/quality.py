@@ -38,7 +38,8 @@ from attencraft_core.toy.model import concept_training_options, toy_model_dir  #
 from attencraft_core.toy.world import random_scene  # noqa: E402
 from attencraft_core.training import Trainer  # noqa: E402
 
-VARIANTS = {"full": {}, "no masked loss": {"masked_loss": False}, "no attention loss": {"attention_weight": 0.0},
+VARIANTS = {"full": {}, "no mask margin": {"loss_mask_margin": 0}, "no masked loss": {"masked_loss": False},
+            "no attention loss": {"attention_weight": 0.0},
             "half-masked loss": {"unmasked_term": True}}  # the last: the reference code's loss, not in the defaults
 
 
@@ -125,7 +126,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8, help="images per prompt and evaluation")
     ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--policies", default="adaptive,uniform,union")
-    ap.add_argument("--variants", default="full,no masked loss,no attention loss")
+    ap.add_argument("--variants", default="full,no mask margin,no masked loss,no attention loss")
     ap.add_argument("--work", default="out/bench-quality")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     args = ap.parse_args()

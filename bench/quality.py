@@ -7,7 +7,8 @@
 2. Learned concepts: for several held-out two-object scenes, train, then judge images of "a photo of <ci>"
    (fidelity: shows concept i; leakage: also shows the other concept's shape or colour), of the prompt with both
    (joint fidelity), and the gap between the two concepts' fidelities at evaluation points during training.
-3. Ablation: the same per sampling policy (adaptive, uniform, union) and without the masked / attention loss.
+3. Ablation: the same per sampling policy (adaptive, uniform, union), without the masked loss's margin (the
+   paper's masks as extracted), and without the masked / attention loss.
 
     python bench/quality.py                       # the configuration recorded in docs/quality.md
     python bench/quality.py --mask-scenes 5 --train-scenes 1 --steps 20 --images 2   # a quick look

@@ -131,6 +131,10 @@ class TrainLoRA(io.ComfyNode):
                 io.Image.Input("prior_images", optional=True,
                                tooltip="Class images for prior preservation; if empty, generated once with the "
                                        "base model and cached."),
+                io.Int.Input("loss_mask_margin", default=0, min=0, max=32, optional=True,
+                             tooltip="Grow the masked loss's masks by this many latent pixels (never into another "
+                                     "concept's mask), so object outlines the coarse attention masks miss are "
+                                     "learned too. 0 = the paper."),
             ],
             outputs=[
                 ConceptSetType.Output(display_name="concept_set", tooltip="The trained concepts, for Apply Concepts."),
@@ -142,7 +146,8 @@ class TrainLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, steps, learning_rate, rank, sampling_policy, seed, name,
-                concepts=None, masks=None, concept_words="", prior_images=None) -> io.NodeOutput:
+                concepts=None, masks=None, concept_words="", prior_images=None,
+                loss_mask_margin=0) -> io.NodeOutput:
         _require_dependencies()
         import comfy.model_management as mm
         import comfy.utils
@@ -172,7 +177,7 @@ class TrainLoRA(io.ComfyNode):
                 mm.throw_exception_if_processing_interrupted()
 
             opts = TrainOptions(steps=steps, lr=learning_rate, rank=rank, policy=sampling_policy, seed=seed,
-                                checkpoint_every=max(1, min(100, steps // 10)))
+                                loss_mask_margin=loss_mask_margin, checkpoint_every=max(1, min(100, steps // 10)))
             trainer = Trainer(comps, pil, concept_list, os.path.join(sets_dir, f"{name}_run"), opts,
                               user_masks=user_masks, class_images=priors,
                               cache_dir=os.path.join(sets_dir, "class_images"), callback=progress,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from comfy_support import ROOT, ComfyServer, build_sd15_checkpoint, comfy_dir
 from conftest import two_object_array
@@ -116,8 +117,8 @@ def test_masks_only_workflow(server, mask_seed):
     assert overlay.shape == (512, 512, 3) and len(masks) == 2 and masks[0].shape[:2] == (512, 512)
 
 
-def full(server, mask_seed, name, steps):
-    return workflow("attencraft_full_pipeline", **{
+def full(server, mask_seed, name, steps, **extra):
+    return workflow("attencraft_full_pipeline", **extra, **{
         "3.seed": mask_seed, "3.threshold": 0.0, "5.steps": steps, "5.learning_rate": 0.01, "5.rank": 4,
         "5.name": name, "5.prior_images": ["2", 0],
         **{f"{nid}.text": f"a photo of embedding:{name}_c{i} on the beach" for nid, i in (("12", 0), ("16", 1))},
@@ -126,7 +127,7 @@ def full(server, mask_seed, name, steps):
 
 def test_full_pipeline_then_apply_saved(server, mask_seed):
     started = time.time()
-    entry, events = run(server, full(server, mask_seed, "duo", 3))
+    entry, events = run(server, full(server, mask_seed, "duo", 3, **{"5.loss_mask_margin": 2}))
     seconds = time.time() - started
     assert client.failure_message(entry) is None, client.failure_message(entry)
     assert any("[node 5 AttenCraftTrainLoRA] 3/3" in e for e in events)
@@ -134,7 +135,8 @@ def test_full_pipeline_then_apply_saved(server, mask_seed):
     assert (base / "loras" / "attencraft" / "duo.safetensors").is_file()
     assert (base / "embeddings" / "duo_c0.safetensors").is_file()
     assert (base / "embeddings" / "duo_c1.safetensors").is_file()
-    assert (base / "attencraft" / "duo.safetensors").is_file()
+    with safe_open(base / "attencraft" / "duo.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["training"])["loss_mask_margin"] == 2  # the node's input reached training
     log = (server.base / "comfyui.log").read_text()
     assert "lora key not loaded" not in log
     together = image_outputs(server, entry, "23")[0]

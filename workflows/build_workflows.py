@@ -35,7 +35,7 @@ NODE_TYPES = {
         [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("image", "IMAGE"), ("steps", "WIDGET"),
          ("learning_rate", "WIDGET"), ("rank", "WIDGET"), ("sampling_policy", "WIDGET"), ("seed", "WIDGET"),
          ("name", "WIDGET"), ("concepts", "ATTENCRAFT_CONCEPTS"), ("masks", "MASK"), ("concept_words", "WIDGET"),
-         ("prior_images", "IMAGE")],
+         ("prior_images", "IMAGE"), ("loss_mask_margin", "WIDGET")],
         [("concept_set", "ATTENCRAFT_CONCEPT_SET"), ("lora_name", "STRING"), ("loss_curve", "IMAGE")]),
     "AttenCraftApplyConcepts": (
         [("model", "MODEL"), ("clip", "CLIP"), ("strength", "WIDGET"), ("saved_concept_set", "WIDGET"),
@@ -81,7 +81,8 @@ def full_pipeline() -> dict:
          4: ("SaveImage", {"images": (3, 1), "filename_prefix": "attencraft/overlay"}),
          5: ("AttenCraftTrainLoRA", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (2, 0), "steps": 500,
                                      "learning_rate": 1e-4, "rank": 16, "sampling_policy": "adaptive", "seed": 0,
-                                     "name": NAME, "concepts": (3, 2), "concept_words": ""}),
+                                     "name": NAME, "concepts": (3, 2), "concept_words": "",
+                                     "loss_mask_margin": 0}),
          6: ("SaveImage", {"images": (5, 2), "filename_prefix": "attencraft/loss"}),
          7: ("AttenCraftApplyConcepts", {"model": (1, 0), "clip": (1, 1), "strength": 1.0,
                                          "saved_concept_set": NO_FILE, "concept_set": (5, 0)})}

@@ -12,6 +12,7 @@
 
     python bench/quality.py                       # the configuration recorded in docs/quality.md
     python bench/quality.py --mask-scenes 5 --train-scenes 1 --steps 20 --images 2   # a quick look
+    python bench/quality.py --first-train-scene 4 --mask-scenes 0 --variants full     # policies, held-out scenes
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from attencraft_core import AttenCraftError, parse_concepts  # noqa: E402
+from attencraft_core.encoding import decode_latents, encode_images  # noqa: E402
 from attencraft_core.generation import generate  # noqa: E402
+from attencraft_core.images import image_to_tensor, tensor_to_image  # noqa: E402
 from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
 from attencraft_core.model_loading import load_components  # noqa: E402
-from attencraft_core.toy.evaluate import judge_concept_image, judge_joint_image, mask_iou, rates  # noqa: E402
+from attencraft_core.toy.evaluate import judge_concept_image, judge_joint_image, mask_iou, matches, rates  # noqa: E402
 from attencraft_core.toy.judge import analyse  # noqa: E402
 from attencraft_core.toy.model import concept_training_options, toy_model_dir  # noqa: E402
 from attencraft_core.toy.world import random_scene  # noqa: E402
@@ -68,6 +71,29 @@ def base_model_fidelity(model: Path, images: int) -> dict:
             shape += any(d.shape == s for d in found)
             both += any(d.colour == c and d.shape == s for d in found)
     return {"images": total, "colour": colour / total, "shape": shape / total, "both": both / total}
+
+
+def training_scene(i: int):
+    """Training scene i of the benchmark: two objects, every appearance held out of pretraining."""
+    return random_scene(random.Random(5000 + i), count=2, held_out=True)
+
+
+def vae_round_trip(model: Path, scene_ids: range) -> dict:
+    """The judge on the VAE's encode-decode of the training scenes: what the latent space keeps of each object.
+
+    Training fits the latents, so an appearance the round trip loses cannot be generated, whatever the method.
+    """
+    comps = load_components(model)
+    objects = kept = with_pattern = 0
+    for i in scene_ids:
+        scene = training_scene(i)
+        latents = encode_images(comps, image_to_tensor(scene.image, comps.native_resolution))
+        found = analyse(tensor_to_image(decode_latents(comps, latents)))
+        for obj in scene.objects:
+            objects += 1
+            kept += any(matches(d, obj) for d in found)
+            with_pattern += any(matches(d, obj, with_pattern=True) for d in found)
+    return {"objects": objects, "shape_and_colour": kept, "with_pattern": with_pattern}
 
 
 def mask_quality(model: Path, scenes: int, count: int, setting: str) -> dict:
@@ -121,7 +147,7 @@ def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(toy_model_dir()))
-    ap.add_argument("--mask-scenes", type=int, default=20)
+    ap.add_argument("--mask-scenes", type=int, default=20, help="0 skips the mask table")
     ap.add_argument("--train-scenes", type=int, default=4)
     ap.add_argument("--first-train-scene", type=int, default=0,
                     help="index of the first training scene (4: the held-out check in docs/quality.md)")
@@ -138,10 +164,17 @@ def main() -> None:
     base = base_model_fidelity(model, 4)
     print(f"base model, 8 colour-shape prompts x 4 images: colour {base['colour']:.2f}, shape {base['shape']:.2f}, "
           f"both {base['both']:.2f}\n")
-    results = {"base": base, "training": [],
-               "masks": [mask_quality(model, args.mask_scenes, n, s) for s in MASK_SETTINGS for n in (2, 3)]}
-    print("| mask settings | objects | scenes | mean mask IoU | refused scenes | mean IoU of the others |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    scene_ids = range(args.first_train_scene, args.first_train_scene + args.train_scenes)
+    trip = vae_round_trip(model, scene_ids)
+    print(f"VAE encode-decode of the {args.train_scenes} training scenes, objects the judge still finds: shape and "
+          f"colour {trip['shape_and_colour']}/{trip['objects']}, with their pattern {trip['with_pattern']}/"
+          f"{trip['objects']}\n")
+    results = {"base": base, "vae_round_trip": trip, "training": [],
+               "masks": [mask_quality(model, args.mask_scenes, n, s) for s in MASK_SETTINGS for n in (2, 3)
+                         if args.mask_scenes > 0]}
+    if results["masks"]:
+        print("| mask settings | objects | scenes | mean mask IoU | refused scenes | mean IoU of the others |")
+        print("| --- | --- | --- | --- | --- | --- |")
     for r in results["masks"]:
         print(f"| {r['setting']} | {r['objects']} | {r['scenes']} | {r['mean_iou']:.3f} | {r['failed_scenes']} | "
               f"{r['mean_iou_extracted']:.3f} |")
@@ -152,8 +185,8 @@ def main() -> None:
             if policy != "adaptive" and name != "full":
                 continue  # the loss ablations run with the default policy
             runs, refused = [], 0
-            for i in range(args.first_train_scene, args.first_train_scene + args.train_scenes):
-                scene = random_scene(random.Random(5000 + i), count=2, held_out=True)
+            for i in scene_ids:
+                scene = training_scene(i)
                 try:
                     runs.append(train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
                                                 args.eval_every,

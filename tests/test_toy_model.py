@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from attencraft_core import parse_concepts
 from attencraft_core.attention import layer_factors
@@ -200,3 +201,32 @@ def test_training_continues_an_exported_model(tmp_path):
     assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
     assert all(torch.equal(x, y) for x, y in zip(before.vae.parameters(), after.vae.parameters()))
     assert any(not torch.equal(x, y) for x, y in zip(before.unet.parameters(), after.unet.parameters()))
+
+
+def test_vae_stage_batches_show_held_out_appearances_in_their_second_half():
+    from attencraft_core.toy.train import CODEC_STAGE, make_batch
+
+    halves = [[], []]
+    for step in range(3):
+        pixels = make_batch(seed=0, stage=CODEC_STAGE, step=step, size=8)[0]
+        for i, image in enumerate(pixels):
+            halves[i >= 4] += [d.pattern for d in analyse(Image.fromarray(image))]
+    assert "dotted" not in halves[0]  # the pretraining half: dots are held out of pretraining
+    assert halves[1].count("dotted") > len(halves[1]) / 2, halves[1]
+
+
+def test_vae_stage_on_every_appearance_resumes_and_leaves_the_unet_alone(tmp_path):
+    from attencraft_core.toy.train import train
+
+    work, settings = tmp_path / "work", dict(minutes=60, vae_steps=1, batch=2, seed=0, vae_batch=4, max_steps=1)
+    train(work, export=None, vae_all_steps=1, **settings)
+    first = torch.load(work / "toy_checkpoint.pt", weights_only=False)
+    log = train(work, export=tmp_path / "export", vae_all_steps=3, **settings)
+    last = torch.load(work / "toy_checkpoint.pt", weights_only=False)
+    assert log["vae_all_step"] == 3 and log["unet_step"] == 1
+    assert all(torch.equal(first["vae_anchor"][k], last["vae_anchor"][k]) for k in first["vae_anchor"])
+    assert any(not torch.equal(first["vae"][k], last["vae"][k]) for k in first["vae"] if k.startswith("encoder."))
+    assert all(torch.equal(first["unet"][k], last["unet"][k]) for k in first["unet"])
+    again = train(tmp_path / "again", export=None, vae_all_steps=3, init=tmp_path / "export", **settings)
+    assert again["vae_all_step"] == 3  # the export had the stage: continuing it does not repeat it
+

@@ -13,12 +13,18 @@ region. Large text-to-image models learn this from scale; a toy trained for an h
 (its attention stayed at chance without it), and the method reads exactly these maps. Checkpoints go to --work
 every few minutes; rerunning continues from the last one. On an accelerator (--device auto picks it) worker
 processes render the scenes ahead; --init continues an exported model's stage 3.
+
+Stage 4 then teaches the VAE every appearance, the held-out ones too (half of each batch), like the image codec
+of a large model that was trained on far more than its UNet ever draws: without it the toy's latents have no
+room for the held-out dots, so no customisation could bring them back. The pretraining half's latents are
+pulled towards where the VAE put them before the stage, so the UNet trained on them stays valid.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import multiprocessing
@@ -45,12 +51,14 @@ from .world import random_scene, training_caption
 
 
 ATTENTION_T_MAX = 500  # localisation is supervised on steps where the image is still visible
+CODEC_STAGE = "vae-all"  # stage 4: the VAE on every appearance, held-out ones in the second half of each batch
 
 
 def make_batch(seed: int, stage: str, step: int, size: int) -> tuple[np.ndarray, list[str], list[np.ndarray]]:
     """Step `step` of `stage`'s batch, the same on every run: uint8 pixels [B, 64, 64, 3], captions, exact masks."""
     rng = random.Random(f"{seed}:{stage}:{step}")
-    scenes = [random_scene(rng) for _ in range(size)]
+    novel = size // 2 if stage == CODEC_STAGE else 0  # the last `novel` scenes show held-out appearances
+    scenes = [random_scene(rng, held_out=i >= size - novel) for i in range(size)]
     pixels = np.stack([np.asarray(s.image, np.uint8) for s in scenes])
     captions = [training_caption(s, rng) if rng.random() > 0.1 else "" for s in scenes]
     return pixels, captions, [s.masks for s in scenes]
@@ -168,8 +176,8 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Ten
 def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, export: Path | None,
           vae_batch: int = 16, max_steps: int | None = None, decoder_steps: int = 0, lr: float = 6e-4,
           ema_decay: float = 0.999, attention_weight: float = 0.03, device: str | None = "cpu",
-          workers: int = 0, init: Path | None = None) -> dict:
-    """All three stages; the UNet stage stops at the time budget or at max_steps UNet steps, whichever first.
+          workers: int = 0, init: Path | None = None, vae_all_steps: int = 0) -> dict:
+    """All four stages; the UNet stage stops at the time budget or at max_steps UNet steps, whichever first.
 
     `init`: start from an exported toy model instead (its VAE counts as trained; stage 3 continues its UNet and
     text encoder). `workers`: processes that render the scenes ahead (worth it on a GPU).
@@ -181,13 +189,15 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     torch.manual_seed(seed)
     ckpt_path = work / "toy_checkpoint.pt"
     state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if ckpt_path.is_file() else None
-    log = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "seconds": 0.0, "losses": []}
+    log = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "vae_all_step": 0, "seconds": 0.0, "losses": []}
     comps = build_toy_components(seed)
     if init and not state:  # its weights into fresh modules, so the export has the same files as any other
         trained = load_components(init)
         for name in ("unet", "vae", "text_encoder"):
             getattr(comps, name).load_state_dict(getattr(trained, name).state_dict())
-        log.update(vae_step=vae_steps, decoder_step=decoder_steps, init=str(init),
+        done = init / "training_log.json"  # an export whose VAE already learnt every appearance keeps it
+        vae_all = json.loads(done.read_text()).get("vae_all_step", 0) if done.is_file() else 0
+        log.update(vae_step=vae_steps, decoder_step=decoder_steps, vae_all_step=vae_all, init=str(init),
                    scaling_factor=float(trained.vae.config.scaling_factor))
     comps.to(device)
     vae_opt = torch.optim.AdamW(comps.vae.parameters(), lr=1e-3)
@@ -195,6 +205,8 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     dec_params = list(comps.vae.post_quant_conv.parameters()) + list(comps.vae.decoder.parameters())
     dec_opt = torch.optim.AdamW(dec_params, lr=5e-4)
+    codec_opt = torch.optim.AdamW(comps.vae.parameters(), lr=5e-4)
+    anchor = None  # stage 4's reference: the VAE as stage 3 used it
     if state:
         comps.vae.load_state_dict(state["vae"])
         comps.unet.load_state_dict(state["unet"])
@@ -203,8 +215,12 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         opt.load_state_dict(state["opt"])
         if "dec_opt" in state:
             dec_opt.load_state_dict(state["dec_opt"])
+        if "vae_anchor" in state:
+            codec_opt.load_state_dict(state["codec_opt"])
+            anchor = copy.deepcopy(comps.vae).requires_grad_(False)
+            anchor.load_state_dict(state["vae_anchor"])
         torch.set_rng_state(state["torch_rng"])
-        log = {"decoder_step": 0, **state["log"]}
+        log = {"decoder_step": 0, "vae_all_step": 0, **state["log"]}
         print(f"resumed: VAE step {log['vae_step']}, UNet step {log['unet_step']}, {log['seconds'] / 60:.1f} min")
 
     ema = [e.to(device) for e in state["ema"]] if state and "ema" in state else [p.detach().clone() for p in params]
@@ -214,6 +230,8 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
                 "text_encoder": comps.text_encoder.state_dict(), "vae_opt": vae_opt.state_dict(),
                 "opt": opt.state_dict(), "dec_opt": dec_opt.state_dict(), "ema": ema,
                 "torch_rng": torch.get_rng_state(), "log": log}
+        if anchor is not None:
+            data.update(vae_anchor=anchor.state_dict(), codec_opt=codec_opt.state_dict())
         atomic_write(ckpt_path, lambda tmp: torch.save(data, tmp))
 
     def step_done(counter: str, bar, **postfix) -> None:
@@ -307,6 +325,28 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
                   attn=f"{np.mean(log.get('attention_losses', [0])[-50:]):.3f}")
     stream.close()
     bar.close()
+    if log["vae_all_step"] < vae_all_steps:
+        if anchor is None:
+            anchor = copy.deepcopy(comps.vae).eval().requires_grad_(False)
+        comps.vae.train().requires_grad_(True)
+        kept = vae_batch - vae_batch // 2  # the pretraining scenes of each batch (make_batch)
+        bar = tqdm(total=vae_all_steps, initial=log["vae_all_step"], desc="VAE, every appearance", unit="step")
+        stream = BatchStream(seed, CODEC_STAGE, log["vae_all_step"], vae_batch, workers, device)
+        while log["vae_all_step"] < vae_all_steps:
+            pixels = stream.next()[0]
+            latents = comps.vae.encode(pixels).latent_dist.mean
+            recon = comps.vae.decode(latents).sample
+            with torch.no_grad():
+                reference = anchor.encode(pixels[:kept]).latent_dist.mean
+            drift = F.mse_loss(latents[:kept], reference) / reference.var()  # relative to the latents' spread
+            loss = F.mse_loss(recon, pixels) + 0.1 * F.l1_loss(recon, pixels) + drift
+            loss.backward()
+            codec_opt.step()
+            codec_opt.zero_grad(set_to_none=True)
+            step_done("vae_all_step", bar, loss=f"{loss.item():.4f}", drift=f"{drift.item():.4f}")
+        stream.close()
+        bar.close()
+        comps.vae.eval().requires_grad_(False)
     log["seconds"] = time.time() - start
     save()
     if export:
@@ -322,7 +362,8 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
             module.half().save_pretrained(out / sub)
             module.float()
         summary = {k: v for k, v in log.items() if k not in ("losses", "attention_losses")}
-        summary["final_loss_mean_last_200"] = float(np.mean(log["losses"][-200:]))
+        if log["losses"]:  # none when this run trained no UNet step
+            summary["final_loss_mean_last_200"] = float(np.mean(log["losses"][-200:]))
         summary["device"] = str(device)
         (out / "training_log.json").write_text(json.dumps(summary, indent=2))
         print(f"exported to {out}")
@@ -333,11 +374,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="out/toy-train", help="checkpoint folder (rerun to resume)")
-    p.add_argument("--minutes", type=float, default=60, help="total wall-clock budget, both stages")
+    p.add_argument("--minutes", type=float, default=60, help="wall-clock budget of stages 1-3 (stage 4 runs after it)")
     p.add_argument("--vae-steps", type=int, default=500, help="VAE reconstruction steps (stage 1)")
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many UNet steps in all")
     p.add_argument("--decoder-steps", type=int, default=500, help="decoder-only steps (stage 2)")
+    p.add_argument("--vae-all-steps", type=int, default=2000,
+                   help="stage 4: VAE steps on every appearance, after the UNet (an --init export that had them "
+                        "skips them)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-4, help="UNet + text encoder learning rate")
     p.add_argument("--attention-weight", type=float, default=0.03,
@@ -355,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     train(Path(args.work), args.minutes, args.vae_steps, args.batch, args.seed,
           Path(args.export) if args.export else None, args.vae_batch, args.max_steps, args.decoder_steps, args.lr,
           attention_weight=args.attention_weight, device=args.device, workers=workers,
-          init=Path(args.init) if args.init else None)
+          init=Path(args.init) if args.init else None, vae_all_steps=args.vae_all_steps)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,8 @@ def main() -> None:
                     runs.append(train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
                                                 args.eval_every,
                                                 Path(args.work) / f"{policy}-{name}-{i}".replace(" ", "_")))
+                    print(f"{policy}/{name} scene {i}: fidelity {runs[-1]['fidelity']}, leakage {runs[-1]['leakage']}, "
+                          f"joint {runs[-1]['joint']} ({time.time() - started:.0f} s)", flush=True)
                 except AttenCraftError as exc:  # the model's attention did not separate this scene's objects
                     refused += 1
                     print(f"{policy}/{name} scene {i}: {str(exc).split('.')[0]}")

@@ -46,9 +46,11 @@ def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int 
 
 
 def model_fingerprint(comps: SDComponents) -> str:
-    """Short hash of a few weights: tells two models apart without hashing gigabytes."""
+    """Short hash of a few weights of each module that makes an image (the VAE's decoder too: a checkpoint used
+    with another VAE draws other pixels): tells two models apart without hashing gigabytes."""
     h = hashlib.sha256()
-    for tensor in (comps.unet.conv_in.weight, comps.text_encoder.get_input_embeddings().weight[:64]):
+    for tensor in (comps.unet.conv_in.weight, comps.text_encoder.get_input_embeddings().weight[:64],
+                   comps.vae.decoder.conv_out.weight):
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -1,6 +1,8 @@
 """Training: what changes, files written, save/load/generate, kohya round trip, resume, interruption, bad input."""
 
+import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +225,15 @@ def test_class_images_are_generated_once_then_cached(tiny, tmp_path, monkeypatch
     monkeypatch.setattr("attencraft_core.generation.generate", lambda *a, **k: pytest.fail("regenerated"))
     again = class_images(tiny, "a photo at the beach", 2, 64, steps=2, cache_dir=tmp_path)
     assert [np.asarray(a).tolist() == np.asarray(b).tolist() for a, b in zip(first, again)] == [True, True]
+
+
+def test_class_images_of_another_vae_are_not_taken_from_the_cache(tiny, tmp_path):
+    class_images(tiny, "a photo at the beach", 1, 64, steps=2, cache_dir=tmp_path)
+    other = replace(tiny, vae=copy.deepcopy(tiny.vae))
+    with torch.no_grad():
+        other.vae.decoder.conv_out.weight.mul_(0.5)
+    class_images(other, "a photo at the beach", 1, 64, steps=2, cache_dir=tmp_path)
+    assert len(list((tmp_path / "class_images").iterdir())) == 2  # one cache folder per VAE
 
 
 def test_the_loss_mask_grows_by_its_margin_but_never_into_another_concept(tiny, tmp_path):

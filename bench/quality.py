@@ -124,7 +124,7 @@ def evaluate(comps, scene, placeholders, images: int, seed: int) -> dict:
 
 
 def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, images: int, eval_every: int,
-                    work: Path) -> dict:
+                    work: Path, seed: int = 0) -> dict:
     comps = load_components(model)
     concepts = parse_concepts(concept_words(scene))
     placeholders = [c.placeholder for c in concepts]
@@ -135,7 +135,7 @@ def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, 
             ev = evaluate(comps, scene, placeholders, images, seed=500)
             gaps.append((step, abs(ev["fidelity"][0] - ev["fidelity"][1])))
 
-    opts = concept_training_options(steps, policy=policy, **variant)
+    opts = concept_training_options(steps, policy=policy, seed=seed, **variant)
     trainer = Trainer(comps, scene.image, concepts, work, opts, cache_dir=work / "cache", callback=callback,
                       log=lambda s: None)
     trainer.run("bench")
@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--images", type=int, default=8, help="images per prompt and evaluation")
     ap.add_argument("--eval-every", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed (noise, timesteps, concept draws; the masks keep theirs)")
     ap.add_argument("--policies", default="adaptive,uniform,union")
     ap.add_argument("--variants", default="full,no mask margin,no masked loss,no attention loss")
     ap.add_argument("--work", default="out/bench-quality")
@@ -190,7 +192,7 @@ def main() -> None:
                 try:
                     runs.append(train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
                                                 args.eval_every,
-                                                Path(args.work) / f"{policy}-{name}-{i}".replace(" ", "_")))
+                                                Path(args.work) / f"{policy}-{name}-{i}".replace(" ", "_"), args.seed))
                     print(f"{policy}/{name} scene {i}: fidelity {runs[-1]['fidelity']}, leakage {runs[-1]['leakage']}, "
                           f"joint {runs[-1]['joint']} ({time.time() - started:.0f} s)", flush=True)
                 except AttenCraftError as exc:  # the model's attention did not separate this scene's objects

@@ -11,11 +11,13 @@ from PIL import Image
 from attencraft_core import parse_concepts
 from attencraft_core.attention import layer_factors
 from attencraft_core.demo import load_scene, run_demo
+from attencraft_core.encoding import decode_latents, encode_images
 from attencraft_core.generation import generate
+from attencraft_core.images import image_to_tensor, tensor_to_image
 from attencraft_core.masks import MaskOptions, extract_masks
 from attencraft_core.model_loading import load_components
 from attencraft_core.tiny_models import save_components
-from attencraft_core.toy.evaluate import mask_iou
+from attencraft_core.toy.evaluate import mask_iou, matches
 from attencraft_core.toy.judge import analyse
 from attencraft_core.toy.model import build_toy_components, toy_model_dir
 from attencraft_core.toy.world import VOCABULARY, random_scene, training_caption
@@ -230,3 +232,20 @@ def test_vae_stage_on_every_appearance_resumes_and_leaves_the_unet_alone(tmp_pat
     again = train(tmp_path / "again", export=None, vae_all_steps=3, init=tmp_path / "export", **settings)
     assert again["vae_all_step"] == 3  # the export had the stage: continuing it does not repeat it
 
+
+@needs_weights
+def test_toy_vae_keeps_the_held_out_appearances():
+    """A customised concept can only come out as its latents decode: held-out dots survive the round trip.
+
+    Without stage 4 (the VAE trained on pretraining appearances only) none of these 16 objects kept its dots.
+    """
+    comps = load_components(toy_model_dir())
+    objects = shape_and_colour = with_pattern = 0
+    for i in range(8):
+        scene = random_scene(random.Random(3000 + i), count=2, held_out=True)
+        latents = encode_images(comps, image_to_tensor(scene.image, comps.native_resolution))
+        found = analyse(tensor_to_image(decode_latents(comps, latents)))
+        objects += len(scene.objects)
+        shape_and_colour += sum(any(matches(d, o) for d in found) for o in scene.objects)
+        with_pattern += sum(any(matches(d, o, with_pattern=True) for d in found) for o in scene.objects)
+    assert shape_and_colour >= objects - 1 and with_pattern >= objects // 2, (shape_and_colour, with_pattern)

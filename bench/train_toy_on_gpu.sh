@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Train the toy model on a GPU machine lent through the device tool, two runs side by side on the one GPU:
-#   scratch: the whole recipe from nothing (VAE, decoder, UNet + text encoder);
-#   continued: stage 3 continued from the shipped weights (attencraft_core/toy/weights).
-# Each writes its export as a tar and its log under $OUT. MINUTES (default 6) is each run's budget; VAE_ARGS
-# sets the scratch run's stages 1-2 (steps are not bounded by the budget); RUNS picks the runs, INIT the model
+#   scratch: the whole recipe from nothing (VAE, decoder, UNet + text encoder, VAE on every appearance);
+#   continued: stage 3 continued from the shipped weights (attencraft_core/toy/weights; its stage 4 is done).
+# Each writes its export as a tar and its log under $OUT. MINUTES (default 6) is each run's budget of stages
+# 1-3 (stage 4, 2,000 VAE steps, runs after it); VAE_ARGS sets the scratch run's VAE stages (steps are not
+# bounded by the budget); RUNS picks the runs, INIT the model
 # the continued run starts from, BATCH the UNet batch.
 # The machine's image has torch but no diffusers: carry the wheels in .whl (docs/toy_model.md says which).
 set -u

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -125,6 +126,7 @@ def evaluate(comps, scene, placeholders, images: int, seed: int) -> dict:
 
 def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, images: int, eval_every: int,
                     work: Path, seed: int = 0) -> dict:
+    shutil.rmtree(work, ignore_errors=True)  # a fresh run: never the finished checkpoint of another model or seed
     comps = load_components(model)
     concepts = parse_concepts(concept_words(scene))
     placeholders = [c.placeholder for c in concepts]

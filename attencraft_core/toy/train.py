@@ -166,6 +166,11 @@ def localisation_loss(store: SizedStore, masks: list[np.ndarray], captions: list
     return total / count
 
 
+def reconstruction_loss(recon: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's pixel loss in the decoder and every-appearance stages: MSE plus a little L1 (keeps edges sharp)."""
+    return F.mse_loss(recon, pixels) + 0.1 * F.l1_loss(recon, pixels)
+
+
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Per-sample epsilon-loss weights min(SNR, gamma) / SNR (Hang et al., 2023): less weight on nearly clean steps."""
     alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
@@ -272,7 +277,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         with torch.no_grad():
             latents = comps.vae.encode(pixels).latent_dist.mean
         recon = comps.vae.decode(latents).sample
-        loss = F.mse_loss(recon, pixels) + 0.1 * F.l1_loss(recon, pixels)  # L1 keeps edges sharp
+        loss = reconstruction_loss(recon, pixels)
         loss.backward()
         dec_opt.step()
         dec_opt.zero_grad(set_to_none=True)
@@ -339,7 +344,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
             with torch.no_grad():
                 reference = anchor.encode(pixels[:kept]).latent_dist.mean
             drift = F.mse_loss(latents[:kept], reference) / reference.var()  # relative to the latents' spread
-            loss = F.mse_loss(recon, pixels) + 0.1 * F.l1_loss(recon, pixels) + drift
+            loss = reconstruction_loss(recon, pixels) + drift
             loss.backward()
             codec_opt.step()
             codec_opt.zero_grad(set_to_none=True)

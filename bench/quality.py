@@ -13,11 +13,13 @@
     python bench/quality.py                       # the configuration recorded in docs/quality.md
     python bench/quality.py --mask-scenes 5 --train-scenes 1 --steps 20 --images 2   # a quick look
     python bench/quality.py --first-train-scene 4 --mask-scenes 0 --variants full     # policies, held-out scenes
+    python bench/quality.py --mask-scenes 0 --policies adaptive --variants full --train-scenes 8 --seeds 0,1
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -156,8 +158,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--images", type=int, default=8, help="images per prompt and evaluation")
     ap.add_argument("--eval-every", type=int, default=400)
-    ap.add_argument("--seed", type=int, default=0,
-                    help="training seed (noise, timesteps, concept draws; the masks keep theirs)")
+    ap.add_argument("--seeds", default="0",
+                    help="training seeds, comma-separated (noise, timesteps, concept draws; the masks keep theirs): "
+                         "each scene is trained once per seed and a row averages every run; one run per scene "
+                         "moves a four-scene row by about 0.08 (docs/quality.md)")
     ap.add_argument("--policies", default="adaptive,uniform,union")
     ap.add_argument("--variants", default="full,no mask margin,no masked loss,no attention loss")
     ap.add_argument("--work", default="out/bench-quality")
@@ -183,26 +187,28 @@ def main() -> None:
         print(f"| {r['setting']} | {r['objects']} | {r['scenes']} | {r['mean_iou']:.3f} | {r['failed_scenes']} | "
               f"{r['mean_iou_extracted']:.3f} |")
 
+    seeds = [int(x) for x in args.seeds.split(",")]
     rows = []
     for policy in (args.policies.split(",") if args.train_scenes > 0 else []):
         for name in args.variants.split(","):
             if policy != "adaptive" and name != "full":
                 continue  # the loss ablations run with the default policy
             runs, refused = [], 0
-            for i in scene_ids:
+            for i, seed in itertools.product(scene_ids, seeds):
                 scene = training_scene(i)
                 try:
                     runs.append(train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
                                                 args.eval_every,
-                                                Path(args.work) / f"{policy}-{name}-{i}".replace(" ", "_"), args.seed))
-                    print(f"{policy}/{name} scene {i}: fidelity {runs[-1]['fidelity']}, leakage {runs[-1]['leakage']}, "
-                          f"joint {runs[-1]['joint']} ({time.time() - started:.0f} s)", flush=True)
+                                                Path(args.work) / f"{policy}-{name}-{i}-seed{seed}".replace(" ", "_"),
+                                                seed))
+                    print(f"{policy}/{name} scene {i} seed {seed}: fidelity {runs[-1]['fidelity']}, leakage "
+                          f"{runs[-1]['leakage']}, joint {runs[-1]['joint']} ({time.time() - started:.0f} s)", flush=True)
                 except AttenCraftError as exc:  # the model's attention did not separate this scene's objects
                     refused += 1
-                    print(f"{policy}/{name} scene {i}: {str(exc).split('.')[0]}")
+                    print(f"{policy}/{name} scene {i} seed {seed}: {str(exc).split('.')[0]}")
             if not runs:
                 continue
-            row = {"policy": policy, "variant": name, "scenes": len(runs), "refused": refused,
+            row = {"policy": policy, "variant": name, "trained_runs": len(runs), "refused": refused,
                    "fidelity": float(np.mean([np.mean(r["fidelity"]) for r in runs])),
                    "leakage": float(np.mean([np.mean(r["leakage"]) for r in runs])),
                    "joint": float(np.mean([r["joint"] for r in runs])),
@@ -210,13 +216,14 @@ def main() -> None:
             rows.append(row)
             results["training"].append({**row, "runs": runs})
     if rows:
-        print(f"\n{args.train_scenes} held-out two-object scenes from scene {args.first_train_scene}, {args.steps} "
-              f"steps, {args.images} images per prompt\n")
-        print("| policy | variant | concept fidelity | leakage | joint fidelity | fidelity gap by step |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print(f"\n{args.train_scenes} held-out two-object scenes from scene {args.first_train_scene}, training seeds "
+              f"{args.seeds}, {args.steps} steps, {args.images} images per prompt\n")
+        print("| policy | variant | runs | concept fidelity | leakage | joint fidelity | fidelity gap by step |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         gaps = ", ".join(f"{s}: {g:.2f}" for s, g in r["gap_by_step"].items())
-        print(f"| {r['policy']} | {r['variant']} | {r['fidelity']:.3f} | {r['leakage']:.3f} | {r['joint']:.3f} | {gaps} |")
+        print(f"| {r['policy']} | {r['variant']} | {r['trained_runs']} | {r['fidelity']:.3f} | {r['leakage']:.3f} | "
+              f"{r['joint']:.3f} | {gaps} |")
     print(f"\n({time.time() - started:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

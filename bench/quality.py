@@ -47,7 +47,8 @@ from attencraft_core.training import Trainer  # noqa: E402
 
 VARIANTS = {"full": {}, "no mask margin": {"loss_mask_margin": 0}, "no masked loss": {"masked_loss": False},
             "no attention loss": {"attention_weight": 0.0},
-            "half-masked loss": {"unmasked_term": True}}  # the last: the reference code's loss, not in the defaults
+            "half-masked loss": {"unmasked_term": True},  # the reference code's loss; not in the defaults
+            "no prior preservation": {"prior_weight": 0.0}}  # no class images; not in the defaults
 
 
 MASK_SETTINGS = {"paper defaults, 64 px": MaskOptions(seed=0),
@@ -197,10 +198,10 @@ def main() -> None:
             for i, seed in itertools.product(scene_ids, seeds):
                 scene = training_scene(i)
                 try:
-                    runs.append(train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
-                                                args.eval_every,
-                                                Path(args.work) / f"{policy}-{name}-{i}-seed{seed}".replace(" ", "_"),
-                                                seed))
+                    run = train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
+                                          args.eval_every,
+                                          Path(args.work) / f"{policy}-{name}-{i}-seed{seed}".replace(" ", "_"), seed)
+                    runs.append({"scene": i, "seed": seed, **run})
                     print(f"{policy}/{name} scene {i} seed {seed}: fidelity {runs[-1]['fidelity']}, leakage "
                           f"{runs[-1]['leakage']}, joint {runs[-1]['joint']} ({time.time() - started:.0f} s)", flush=True)
                 except AttenCraftError as exc:  # the model's attention did not separate this scene's objects

@@ -90,7 +90,9 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
 
     placeholders = [c.placeholder for c in concept_list]
     if toy:
-        contexts = [f"a photo of {p} and a yellow square" for p in placeholders]
+        from .toy.evaluate import context_object
+        context = context_object(scene.objects)
+        contexts = [f"a photo of {p} and a {context.words()}" for p in placeholders]
     else:
         contexts = [f"a photo of {p} on the beach" for p in placeholders]
     prompts = [(f"a photo of {p}", "alone") for p in placeholders]
@@ -105,22 +107,26 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
         rows.append((prompt, images))
     save_image(out / "contact_sheet.png", contact_sheet(rows, tile=128 if toy else 256))
     if scene is not None:
-        report.update(toy_metrics(scene, placeholders, generated))
+        report.update(toy_metrics(scene, placeholders, generated, context))
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_json(out / "report.json", report)
     log(f"wrote {out / 'contact_sheet.png'} and {out / 'report.json'} in {report['seconds']} s")
     return report
 
 
-def toy_metrics(scene, placeholders: list[str], generated: dict) -> dict:
-    """Judge-based fidelity and leakage of each concept alone, and joint fidelity, on the toy world."""
+def toy_metrics(scene, placeholders: list[str], generated: dict, context) -> dict:
+    """Judge-based fidelity and leakage of each concept alone, its fidelity beside the `context` object, and joint
+    fidelity, on the toy world."""
     from .toy.evaluate import judge_concept_image, judge_joint_image, rates
 
     per_concept = []
     for i, p in enumerate(placeholders):
         others = [o for j, o in enumerate(scene.objects) if j != i]
         verdicts = [judge_concept_image(im, scene.objects[i], others) for im in generated[f"a photo of {p}"]]
-        per_concept.append({"placeholder": p, **{k: round(v, 3) for k, v in rates(verdicts).items()}})
+        in_context = [judge_joint_image(im, [scene.objects[i], context])
+                      for im in generated[f"a photo of {p} and a {context.words()}"]]
+        per_concept.append({"placeholder": p, **{k: round(v, 3) for k, v in rates(verdicts).items()},
+                            "context_fidelity": round(float(np.mean(in_context)), 3)})
     joint_images = generated["a photo of " + " and ".join(placeholders)]
     joint = float(np.mean([judge_joint_image(im, scene.objects) for im in joint_images]))
     fid = [c["fidelity"] for c in per_concept]

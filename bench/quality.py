@@ -39,7 +39,8 @@ from attencraft_core.generation import generate  # noqa: E402
 from attencraft_core.images import image_to_tensor, tensor_to_image  # noqa: E402
 from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
 from attencraft_core.model_loading import load_components  # noqa: E402
-from attencraft_core.toy.evaluate import judge_concept_image, judge_joint_image, mask_iou, matches, rates  # noqa: E402
+from attencraft_core.toy.evaluate import (context_object, judge_concept_image, judge_joint_image, mask_iou,  # noqa: E402
+                                          matches, rates)  # noqa: E402
 from attencraft_core.toy.judge import analyse  # noqa: E402
 from attencraft_core.toy.model import concept_training_options, toy_model_dir  # noqa: E402
 from attencraft_core.toy.world import random_scene  # noqa: E402
@@ -117,14 +118,19 @@ def mask_quality(model: Path, scenes: int, count: int, setting: str) -> dict:
 
 
 def evaluate(comps, scene, placeholders, images: int, seed: int) -> dict:
-    per = []
+    """Fidelity and leakage per concept, joint fidelity, and context fidelity per concept (the concept and a
+    pretraining object in one image: what prior preservation is meant to keep)."""
+    per, context = [], []
+    ctx = context_object(scene.objects)
     for i, p in enumerate(placeholders):
         others = [o for j, o in enumerate(scene.objects) if j != i]
         gen = generate(comps, [f"a photo of {p}"] * images, seed=seed, steps=25, cfg=5.0)
         per.append(rates([judge_concept_image(im, scene.objects[i], others) for im in gen]))
+        gen = generate(comps, [f"a photo of {p} and a {ctx.words()}"] * images, seed=seed, steps=25, cfg=5.0)
+        context.append(float(np.mean([judge_joint_image(im, [scene.objects[i], ctx]) for im in gen])))
     joint = generate(comps, ["a photo of " + " and ".join(placeholders)] * images, seed=seed, steps=25, cfg=5.0)
     return {"fidelity": [r["fidelity"] for r in per], "leakage": [r["leakage"] for r in per],
-            "joint": float(np.mean([judge_joint_image(im, scene.objects) for im in joint]))}
+            "joint": float(np.mean([judge_joint_image(im, scene.objects) for im in joint])), "context": context}
 
 
 def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, images: int, eval_every: int,
@@ -203,7 +209,8 @@ def main() -> None:
                                           Path(args.work) / f"{policy}-{name}-{i}-seed{seed}".replace(" ", "_"), seed)
                     runs.append({"scene": i, "seed": seed, **run})
                     print(f"{policy}/{name} scene {i} seed {seed}: fidelity {runs[-1]['fidelity']}, leakage "
-                          f"{runs[-1]['leakage']}, joint {runs[-1]['joint']} ({time.time() - started:.0f} s)", flush=True)
+                          f"{runs[-1]['leakage']}, joint {runs[-1]['joint']}, context {runs[-1]['context']} "
+                          f"({time.time() - started:.0f} s)", flush=True)
                 except AttenCraftError as exc:  # the model's attention did not separate this scene's objects
                     refused += 1
                     print(f"{policy}/{name} scene {i} seed {seed}: {str(exc).split('.')[0]}")
@@ -213,18 +220,20 @@ def main() -> None:
                    "fidelity": float(np.mean([np.mean(r["fidelity"]) for r in runs])),
                    "leakage": float(np.mean([np.mean(r["leakage"]) for r in runs])),
                    "joint": float(np.mean([r["joint"] for r in runs])),
+                   "context": float(np.mean([np.mean(r["context"]) for r in runs])),
                    "gap_by_step": {s: float(np.mean([dict(r["gaps"])[s] for r in runs])) for s, _ in runs[0]["gaps"]}}
             rows.append(row)
             results["training"].append({**row, "runs": runs})
     if rows:
         print(f"\n{args.train_scenes} held-out two-object scenes from scene {args.first_train_scene}, training seeds "
               f"{args.seeds}, {args.steps} steps, {args.images} images per prompt\n")
-        print("| policy | variant | runs | concept fidelity | leakage | joint fidelity | fidelity gap by step |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("| policy | variant | runs | concept fidelity | leakage | joint fidelity | context fidelity | "
+              "fidelity gap by step |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         gaps = ", ".join(f"{s}: {g:.2f}" for s, g in r["gap_by_step"].items())
         print(f"| {r['policy']} | {r['variant']} | {r['trained_runs']} | {r['fidelity']:.3f} | {r['leakage']:.3f} | "
-              f"{r['joint']:.3f} | {gaps} |")
+              f"{r['joint']:.3f} | {r['context']:.3f} | {gaps} |")
     print(f"\n({time.time() - started:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

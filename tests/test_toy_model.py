@@ -53,7 +53,7 @@ def test_demo_runs_end_to_end(untrained_toy_dir, tmp_path, planted_attention):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert (tmp_path / "contact_sheet.png").is_file() and saved["mask_iou"] == report["mask_iou"]
     assert len(saved["per_concept"]) == 2 and 0 <= saved["joint_fidelity"] <= 1
-    assert all(0 <= c["fidelity"] <= 1 and 0 <= c["leakage"] <= 1 for c in saved["per_concept"])
+    assert all(0 <= c[k] <= 1 for c in saved["per_concept"] for k in ("fidelity", "leakage", "context_fidelity"))
     scene, words = load_scene()
     assert words == "cyan, green" and len(scene.objects) == 2
 

@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 
+from attencraft_core.toy.evaluate import context_object, judge_joint_image
 from attencraft_core.toy.judge import analyse
 from attencraft_core.toy.world import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES, SceneObject, allowed,
                                        random_scene, render, shape_mask, training_caption)
@@ -75,3 +76,17 @@ def test_judge_accuracy_on_rendered_scenes():
 
 def test_judge_on_an_empty_image():
     assert analyse(np.full((64, 64, 3), 18, np.uint8)) == []
+
+
+def test_context_object_is_a_known_appearance_the_judge_tells_apart_from_the_concepts():
+    rng = random.Random(12)
+    for _ in range(40):
+        scene = random_scene(rng, count=rng.choice([2, 3]), held_out=True)
+        ctx = context_object(scene.objects)
+        assert allowed(ctx.shape, ctx.colour, ctx.pattern, held_out=False)
+        assert all(o.shape != ctx.shape and o.colour != ctx.colour for o in scene.objects)
+    target = SceneObject("star", "cyan", "dotted", 18, 20, 18)
+    ctx = context_object([target])
+    placed = SceneObject(ctx.shape, ctx.colour, ctx.pattern, 44, 44, 18)
+    assert judge_joint_image(render("grey", [target, placed]).image, [target, ctx])
+    assert not judge_joint_image(render("grey", [target]).image, [target, ctx])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .judge import analyse
-from .world import SceneObject
+from .world import SIZE, SceneObject
 
 
 def mask_iou(predicted: np.ndarray, true: np.ndarray) -> float:
@@ -39,6 +39,18 @@ def judge_joint_image(image, objects: list[SceneObject]) -> bool:
     """Does an image made for all concepts show every one of them?"""
     detections = analyse(image)
     return all(any(matches(d, o) for d in detections) for o in objects)
+
+
+CONTEXT_PAIRS = (("yellow", "square"), ("red", "circle"), ("blue", "triangle"), ("green", "star"), ("pink", "diamond"))
+
+
+def context_object(objects: list[SceneObject]) -> SceneObject:
+    """The "new context" a concept is drawn in: a solid pretraining appearance that shares no colour or shape with
+    `objects` (so the judge cannot mistake one for the other); its position and size are left to the model."""
+    for colour, shape in CONTEXT_PAIRS:
+        if all(o.colour != colour and o.shape != shape for o in objects):
+            return SceneObject(shape, colour, "solid", SIZE / 2, SIZE / 2, SIZE / 3)
+    raise ValueError(f"No context object differs from all of {[o.words() for o in objects]}.")
 
 
 def rates(verdicts: list[ImageVerdict]) -> dict[str, float]:

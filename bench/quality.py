@@ -8,7 +8,8 @@
    (fidelity: shows concept i; leakage: also shows the other concept's shape or colour), of the prompt with both
    (joint fidelity), and the gap between the two concepts' fidelities at evaluation points during training.
 3. Ablation: the same per sampling policy (adaptive, uniform, union), without the masked loss's margin (the
-   paper's masks as extracted), and without the masked / attention loss.
+   paper's masks as extracted), and without the masked / attention loss; on request, with the reference
+   code's half-masked loss or with prior preservation (off in the toy's settings).
 
     python bench/quality.py                       # the configuration recorded in docs/quality.md
     python bench/quality.py --mask-scenes 5 --train-scenes 1 --steps 20 --images 2   # a quick look
@@ -49,7 +50,7 @@ from attencraft_core.training import Trainer  # noqa: E402
 VARIANTS = {"full": {}, "no mask margin": {"loss_mask_margin": 0}, "no masked loss": {"masked_loss": False},
             "no attention loss": {"attention_weight": 0.0},
             "half-masked loss": {"unmasked_term": True},  # the reference code's loss; not in the defaults
-            "no prior preservation": {"prior_weight": 0.0}}  # no class images; not in the defaults
+            "prior preservation": {"prior_weight": 1.0}}  # the toy default until the tenth session; not in the defaults
 
 
 MASK_SETTINGS = {"paper defaults, 64 px": MaskOptions(seed=0),

@@ -40,8 +40,8 @@ from attencraft_core.generation import generate  # noqa: E402
 from attencraft_core.images import image_to_tensor, tensor_to_image  # noqa: E402
 from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
 from attencraft_core.model_loading import load_components  # noqa: E402
-from attencraft_core.toy.evaluate import (context_object, judge_concept_image, judge_joint_image, mask_iou,  # noqa: E402
-                                          matches, rates)  # noqa: E402
+from attencraft_core.toy.evaluate import (  # noqa: E402
+    context_object, judge_concept_image, judge_joint_image, mask_iou, matches, rates)
 from attencraft_core.toy.judge import analyse  # noqa: E402
 from attencraft_core.toy.model import concept_training_options, toy_model_dir  # noqa: E402
 from attencraft_core.toy.world import random_scene  # noqa: E402

@@ -41,7 +41,9 @@ def judge_joint_image(image, objects: list[SceneObject]) -> bool:
     return all(any(matches(d, o) for d in detections) for o in objects)
 
 
-CONTEXT_PAIRS = (("yellow", "square"), ("red", "circle"), ("blue", "triangle"), ("green", "star"), ("pink", "diamond"))
+# Eight colours and eight shapes, none repeated: up to three scene objects rule out at most six of them.
+CONTEXT_PAIRS = (("yellow", "square"), ("red", "circle"), ("blue", "triangle"), ("green", "star"), ("pink", "diamond"),
+                 ("purple", "heart"), ("orange", "cross"), ("cyan", "ring"))
 
 
 def context_object(objects: list[SceneObject]) -> SceneObject:

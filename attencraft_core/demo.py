@@ -90,9 +90,9 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
 
     placeholders = [c.placeholder for c in concept_list]
     if toy:
-        from .toy.evaluate import context_object
+        from .toy.evaluate import context_object, context_prompt
         context = context_object(scene.objects)
-        contexts = [f"a photo of {p} and a {context.words()}" for p in placeholders]
+        contexts = [context_prompt(p, context) for p in placeholders]
     else:
         contexts = [f"a photo of {p} on the beach" for p in placeholders]
     prompts = [(f"a photo of {p}", "alone") for p in placeholders]
@@ -117,14 +117,14 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
 def toy_metrics(scene, placeholders: list[str], generated: dict, context) -> dict:
     """Judge-based fidelity and leakage of each concept alone, its fidelity beside the `context` object, and joint
     fidelity, on the toy world."""
-    from .toy.evaluate import judge_concept_image, judge_joint_image, rates
+    from .toy.evaluate import context_prompt, judge_concept_image, judge_joint_image, rates
 
     per_concept = []
     for i, p in enumerate(placeholders):
         others = [o for j, o in enumerate(scene.objects) if j != i]
         verdicts = [judge_concept_image(im, scene.objects[i], others) for im in generated[f"a photo of {p}"]]
         in_context = [judge_joint_image(im, [scene.objects[i], context])
-                      for im in generated[f"a photo of {p} and a {context.words()}"]]
+                      for im in generated[context_prompt(p, context)]]
         per_concept.append({"placeholder": p, **{k: round(v, 3) for k, v in rates(verdicts).items()},
                             "context_fidelity": round(float(np.mean(in_context)), 3)})
     joint_images = generated["a photo of " + " and ".join(placeholders)]

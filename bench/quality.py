@@ -41,7 +41,7 @@ from attencraft_core.images import image_to_tensor, tensor_to_image  # noqa: E40
 from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
 from attencraft_core.model_loading import load_components  # noqa: E402
 from attencraft_core.toy.evaluate import (  # noqa: E402
-    context_object, judge_concept_image, judge_joint_image, mask_iou, matches, rates)
+    context_object, context_prompt, judge_concept_image, judge_joint_image, mask_iou, matches, rates)
 from attencraft_core.toy.judge import analyse  # noqa: E402
 from attencraft_core.toy.model import concept_training_options, toy_model_dir  # noqa: E402
 from attencraft_core.toy.world import random_scene  # noqa: E402
@@ -118,17 +118,18 @@ def mask_quality(model: Path, scenes: int, count: int, setting: str) -> dict:
             "mean_iou_extracted": float(np.mean(extracted)) if extracted else 0.0, "failed_scenes": failures}
 
 
-def evaluate(comps, scene, placeholders, images: int, seed: int) -> dict:
-    """Fidelity and leakage per concept, joint fidelity, and context fidelity per concept (the concept and a
-    pretraining object in one image: what prior preservation is meant to keep)."""
+def evaluate(comps, scene, placeholders, images: int, seed: int, with_context: bool = True) -> dict:
+    """Fidelity and leakage per concept, joint fidelity, and (`with_context`) context fidelity per concept (the
+    concept and a pretraining object in one image: what prior preservation is meant to keep)."""
     per, context = [], []
     ctx = context_object(scene.objects)
     for i, p in enumerate(placeholders):
         others = [o for j, o in enumerate(scene.objects) if j != i]
         gen = generate(comps, [f"a photo of {p}"] * images, seed=seed, steps=25, cfg=5.0)
         per.append(rates([judge_concept_image(im, scene.objects[i], others) for im in gen]))
-        gen = generate(comps, [f"a photo of {p} and a {ctx.words()}"] * images, seed=seed, steps=25, cfg=5.0)
-        context.append(float(np.mean([judge_joint_image(im, [scene.objects[i], ctx]) for im in gen])))
+        if with_context:
+            gen = generate(comps, [context_prompt(p, ctx)] * images, seed=seed, steps=25, cfg=5.0)
+            context.append(float(np.mean([judge_joint_image(im, [scene.objects[i], ctx]) for im in gen])))
     joint = generate(comps, ["a photo of " + " and ".join(placeholders)] * images, seed=seed, steps=25, cfg=5.0)
     return {"fidelity": [r["fidelity"] for r in per], "leakage": [r["leakage"] for r in per],
             "joint": float(np.mean([judge_joint_image(im, scene.objects) for im in joint])), "context": context}
@@ -144,7 +145,8 @@ def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, 
 
     def callback(step, total, record, ratios):
         if step % eval_every == 0 and step < total:
-            ev = evaluate(comps, scene, placeholders, images, seed=500)
+            # the gap needs fidelity only: no context images at the evaluation points
+            ev = evaluate(comps, scene, placeholders, images, seed=500, with_context=False)
             gaps.append((step, abs(ev["fidelity"][0] - ev["fidelity"][1])))
 
     opts = concept_training_options(steps, policy=policy, seed=seed, **variant)

@@ -85,9 +85,10 @@ def test_context_object_is_a_known_appearance_the_judge_tells_apart_from_the_con
         ctx = context_object(scene.objects)
         assert allowed(ctx.shape, ctx.colour, ctx.pattern, held_out=False)
         assert all(o.shape != ctx.shape and o.colour != ctx.colour for o in scene.objects)
-    crowded = [SceneObject(shape, colour, "solid", 32, 32, 10)  # rules out the first six candidates
+    crowded = [SceneObject(shape, colour, "solid", 32, 32, 10)  # rules out the first five candidates
                for shape, colour in (("circle", "yellow"), ("star", "blue"), ("square", "pink"))]
-    assert allowed(context_object(crowded).shape, context_object(crowded).colour, "solid", held_out=False)
+    ctx = context_object(crowded)
+    assert allowed(ctx.shape, ctx.colour, ctx.pattern, held_out=False)
     target = SceneObject("star", "cyan", "dotted", 18, 20, 18)
     ctx = context_object([target])
     placed = SceneObject(ctx.shape, ctx.colour, ctx.pattern, 44, 44, 18)

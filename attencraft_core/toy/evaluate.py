@@ -55,6 +55,11 @@ def context_object(objects: list[SceneObject]) -> SceneObject:
     raise ValueError(f"No context object differs from all of {[o.words() for o in objects]}.")
 
 
+def context_prompt(placeholder: str, context: SceneObject) -> str:
+    """The prompt that draws a concept beside the context object."""
+    return f"a photo of {placeholder} and a {context.words()}"
+
+
 def rates(verdicts: list[ImageVerdict]) -> dict[str, float]:
     n = max(len(verdicts), 1)
     return {"fidelity": sum(v.shows_target for v in verdicts) / n, "leakage": sum(v.leaks_other for v in verdicts) / n}

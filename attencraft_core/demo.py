@@ -7,7 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from .concepts import parse_concepts
@@ -88,20 +87,16 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
     report["final_loss"] = round(trained.history[-1]["loss"], 5)
     report["mask_events"] = trained.events
 
+    from .toy.evaluate import context_object, evaluation_prompts
     placeholders = [c.placeholder for c in concept_list]
-    if toy:
-        from .toy.evaluate import context_object, context_prompt
-        context = context_object(scene.objects)
-        contexts = [context_prompt(p, context) for p in placeholders]
-    else:
-        contexts = [f"a photo of {p} on the beach" for p in placeholders]
-    prompts = [(f"a photo of {p}", "alone") for p in placeholders]
-    prompts.append(("a photo of " + " and ".join(placeholders), "together"))
-    prompts += [(c, "context") for c in contexts]
+    context = context_object(scene.objects) if toy else None
+    prompts = evaluation_prompts(placeholders, context)
+    if not toy:
+        prompts += [f"a photo of {p} on the beach" for p in placeholders]
     rows = [("input | overlay | masks", [image, overlay(image, result.masks)]
              + [mask_to_image(m) for m in result.masks])]
     generated = {}
-    for prompt, kind in prompts:
+    for prompt in prompts:
         images = generate(comps, [prompt] * images_per_prompt, seed=seed + 1000, steps=25, cfg=5.0)
         generated[prompt] = images
         rows.append((prompt, images))
@@ -115,20 +110,11 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
 
 
 def toy_metrics(scene, placeholders: list[str], generated: dict, context) -> dict:
-    """Judge-based fidelity and leakage of each concept alone, its fidelity beside the `context` object, and joint
-    fidelity, on the toy world."""
-    from .toy.evaluate import context_prompt, judge_concept_image, judge_joint_image, rates
+    """The report's judge-based metrics (`toy.evaluate.judge_generations`) of the demo's images, rounded."""
+    from .toy.evaluate import judge_generations
 
-    per_concept = []
-    for i, p in enumerate(placeholders):
-        others = [o for j, o in enumerate(scene.objects) if j != i]
-        verdicts = [judge_concept_image(im, scene.objects[i], others) for im in generated[f"a photo of {p}"]]
-        in_context = [judge_joint_image(im, [scene.objects[i], context])
-                      for im in generated[context_prompt(p, context)]]
-        per_concept.append({"placeholder": p, **{k: round(v, 3) for k, v in rates(verdicts).items()},
-                            "context_fidelity": round(float(np.mean(in_context)), 3)})
-    joint_images = generated["a photo of " + " and ".join(placeholders)]
-    joint = float(np.mean([judge_joint_image(im, scene.objects) for im in joint_images]))
-    fid = [c["fidelity"] for c in per_concept]
-    return {"per_concept": per_concept, "joint_fidelity": round(joint, 3),
-            "fidelity_gap": round(max(fid) - min(fid), 3)}
+    judged = judge_generations(scene.objects, placeholders, generated, context)
+    per_concept = [{"placeholder": p, "fidelity": round(f, 3), "leakage": round(k, 3), "context_fidelity": round(c, 3)}
+                   for p, f, k, c in zip(placeholders, judged["fidelity"], judged["leakage"], judged["context"])]
+    return {"per_concept": per_concept, "joint_fidelity": round(judged["joint"], 3),
+            "fidelity_gap": round(max(judged["fidelity"]) - min(judged["fidelity"]), 3)}

@@ -41,7 +41,7 @@ from attencraft_core.images import image_to_tensor, tensor_to_image  # noqa: E40
 from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
 from attencraft_core.model_loading import load_components  # noqa: E402
 from attencraft_core.toy.evaluate import (  # noqa: E402
-    context_object, context_prompt, judge_concept_image, judge_joint_image, mask_iou, matches, rates)
+    context_object, evaluation_prompts, judge_generations, mask_iou, matches)
 from attencraft_core.toy.judge import analyse  # noqa: E402
 from attencraft_core.toy.model import concept_training_options, toy_model_dir  # noqa: E402
 from attencraft_core.toy.world import random_scene  # noqa: E402
@@ -119,20 +119,12 @@ def mask_quality(model: Path, scenes: int, count: int, setting: str) -> dict:
 
 
 def evaluate(comps, scene, placeholders, images: int, seed: int, with_context: bool = True) -> dict:
-    """Fidelity and leakage per concept, joint fidelity, and (`with_context`) context fidelity per concept (the
-    concept and a pretraining object in one image: what prior preservation is meant to keep)."""
-    per, context = [], []
-    ctx = context_object(scene.objects)
-    for i, p in enumerate(placeholders):
-        others = [o for j, o in enumerate(scene.objects) if j != i]
-        gen = generate(comps, [f"a photo of {p}"] * images, seed=seed, steps=25, cfg=5.0)
-        per.append(rates([judge_concept_image(im, scene.objects[i], others) for im in gen]))
-        if with_context:
-            gen = generate(comps, [context_prompt(p, ctx)] * images, seed=seed, steps=25, cfg=5.0)
-            context.append(float(np.mean([judge_joint_image(im, [scene.objects[i], ctx]) for im in gen])))
-    joint = generate(comps, ["a photo of " + " and ".join(placeholders)] * images, seed=seed, steps=25, cfg=5.0)
-    return {"fidelity": [r["fidelity"] for r in per], "leakage": [r["leakage"] for r in per],
-            "joint": float(np.mean([judge_joint_image(im, scene.objects) for im in joint])), "context": context}
+    """`judge_generations` on `images` new images per evaluation prompt; `with_context` adds the concept beside a
+    pretraining object (what prior preservation is meant to keep)."""
+    ctx = context_object(scene.objects) if with_context else None
+    generated = {prompt: generate(comps, [prompt] * images, seed=seed, steps=25, cfg=5.0)
+                 for prompt in evaluation_prompts(placeholders, ctx)}
+    return judge_generations(scene.objects, placeholders, generated, ctx)
 
 
 def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, images: int, eval_every: int,

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from attencraft_core.toy.evaluate import context_object, judge_joint_image
+from attencraft_core.toy.evaluate import context_object, evaluation_prompts, judge_generations, judge_joint_image
 from attencraft_core.toy.judge import analyse
 from attencraft_core.toy.world import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES, SceneObject, allowed,
                                        random_scene, render, shape_mask, training_caption)
@@ -94,3 +94,27 @@ def test_context_object_is_a_known_appearance_the_judge_tells_apart_from_the_con
     placed = SceneObject(ctx.shape, ctx.colour, ctx.pattern, 44, 44, 18)
     assert judge_joint_image(render("grey", [target, placed]).image, [target, ctx])
     assert not judge_joint_image(render("grey", [target]).image, [target, ctx])
+
+
+def test_judged_generations_count_fidelity_leakage_joint_and_context_per_image():
+    a, b = SceneObject("star", "cyan", "dotted", 18, 20, 18), SceneObject("heart", "green", "solid", 44, 42, 18)
+    ctx = context_object([a, b])
+    placed = SceneObject(ctx.shape, ctx.colour, ctx.pattern, 44, 16, 16)
+
+    def image(*objects):
+        return render("grey", list(objects)).image if objects else np.full((64, 64, 3), 18, np.uint8)
+
+    prompts = evaluation_prompts(["<c0>", "<c1>"], ctx)
+    assert prompts == ["a photo of <c0>", "a photo of <c1>", "a photo of <c0> and <c1>",
+                       f"a photo of <c0> and a {ctx.words()}", f"a photo of <c1> and a {ctx.words()}"]
+    generated = dict(zip(prompts, [
+        [image(a), image(a, b), image(b), image()],  # shows a: 2 of 4; shows b's shape or colour: 2 of 4
+        [image(b), image(b)],
+        [image(a, b), image(a)],
+        [image(a, placed), image(placed)],
+        [image(b, placed)],
+    ]))
+    judged = judge_generations([a, b], ["<c0>", "<c1>"], generated, ctx)
+    assert judged == {"fidelity": [0.5, 1.0], "leakage": [0.5, 0.0], "joint": 0.5, "context": [0.5, 1.0]}
+    without_context = judge_generations([a, b], ["<c0>", "<c1>"], {p: generated[p] for p in prompts[:3]})
+    assert without_context["context"] == [] and without_context["fidelity"] == [0.5, 1.0]

@@ -60,6 +60,31 @@ def context_prompt(placeholder: str, context: SceneObject) -> str:
     return f"a photo of {placeholder} and a {context.words()}"
 
 
-def rates(verdicts: list[ImageVerdict]) -> dict[str, float]:
-    n = max(len(verdicts), 1)
-    return {"fidelity": sum(v.shows_target for v in verdicts) / n, "leakage": sum(v.leaks_other for v in verdicts) / n}
+def evaluation_prompts(placeholders: list[str], context: SceneObject | None = None) -> list[str]:
+    """The prompts a toy evaluation judges: each concept alone, all of them together, and (given a context object)
+    each beside it."""
+    prompts = [f"a photo of {p}" for p in placeholders] + ["a photo of " + " and ".join(placeholders)]
+    return prompts + ([context_prompt(p, context) for p in placeholders] if context is not None else [])
+
+
+def judge_generations(objects: list[SceneObject], placeholders: list[str], generated: dict[str, list],
+                      context: SceneObject | None = None) -> dict:
+    """Fidelity and leakage per concept, joint fidelity and (given `context`) context fidelity per concept, of the
+    images `generated` for each of `evaluation_prompts(placeholders, context)`; placeholder i stands for objects[i].
+
+    Fidelity: share of a concept's images that show it; leakage: share that also show another concept's shape or
+    colour; joint: share of the together-images that show every concept; context: share of the images beside the
+    context object that show both."""
+    prompts = evaluation_prompts(placeholders, context)
+    n = len(placeholders)
+    fidelity, leakage, in_context = [], [], []
+    for i, obj in enumerate(objects):
+        others = objects[:i] + objects[i + 1:]
+        verdicts = [judge_concept_image(im, obj, others) for im in generated[prompts[i]]]
+        fidelity.append(float(np.mean([v.shows_target for v in verdicts])))
+        leakage.append(float(np.mean([v.leaks_other for v in verdicts])))
+        if context is not None:
+            in_context.append(float(np.mean([judge_joint_image(im, [obj, context])
+                                             for im in generated[prompts[n + 1 + i]]])))
+    joint = float(np.mean([judge_joint_image(im, objects) for im in generated[prompts[n]]]))
+    return {"fidelity": fidelity, "leakage": leakage, "joint": joint, "context": in_context}

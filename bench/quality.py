@@ -35,16 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from attencraft_core import AttenCraftError, parse_concepts  # noqa: E402
+from attencraft_core.devices import machine_description  # noqa: E402
 from attencraft_core.encoding import decode_latents, encode_images  # noqa: E402
 from attencraft_core.generation import generate  # noqa: E402
 from attencraft_core.images import image_to_tensor, tensor_to_image  # noqa: E402
 from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
 from attencraft_core.model_loading import load_components  # noqa: E402
 from attencraft_core.toy.evaluate import (  # noqa: E402
-    context_object, evaluation_prompts, judge_generations, mask_iou, matches)
+    context_object, evaluation_prompts, judge_generations, judge_joint_image, mask_iou, matches)
 from attencraft_core.toy.judge import analyse  # noqa: E402
 from attencraft_core.toy.model import concept_training_options, toy_model_dir  # noqa: E402
-from attencraft_core.toy.world import random_scene  # noqa: E402
+from attencraft_core.toy.world import SIZE, SceneObject, random_scene  # noqa: E402
 from attencraft_core.training import Trainer  # noqa: E402
 
 VARIANTS = {"full": {}, "no mask margin": {"loss_mask_margin": 0}, "no masked loss": {"masked_loss": False},
@@ -66,7 +67,9 @@ PROMPT_PAIRS = (("red", "circle"), ("blue", "square"), ("yellow", "star"), ("gre
 
 
 def base_model_fidelity(model: Path, images: int) -> dict:
-    """How often the base model draws what "a photo of a <colour> <shape>" asks (judged)."""
+    """How often the base model draws what "a photo of a <colour> <shape>" asks (judged), and how often it draws
+    both objects of "a photo of a <colour> <shape> and a <colour> <shape>" (pretraining appearances each): the
+    base model's own ceiling for the joint and context fidelity of learned concepts."""
     comps = load_components(model)
     colour = shape = both = total = 0
     for c, s in PROMPT_PAIRS:
@@ -76,7 +79,15 @@ def base_model_fidelity(model: Path, images: int) -> dict:
             colour += any(d.colour == c for d in found)
             shape += any(d.shape == s for d in found)
             both += any(d.colour == c and d.shape == s for d in found)
-    return {"images": total, "colour": colour / total, "shape": shape / total, "both": both / total}
+    pairs = [(PROMPT_PAIRS[i], PROMPT_PAIRS[(i + 3) % len(PROMPT_PAIRS)]) for i in range(len(PROMPT_PAIRS))]
+    two = []
+    for pair in pairs:
+        objects = [SceneObject(s, c, "solid", SIZE / 2, SIZE / 2, SIZE / 3) for c, s in pair]
+        prompt = "a photo of " + " and ".join(f"a {o.words()}" for o in objects)
+        two += [judge_joint_image(image, objects) for image in generate(comps, [prompt] * images, seed=0, steps=25,
+                                                                          cfg=5.0)]
+    return {"images": total, "colour": colour / total, "shape": shape / total, "both": both / total,
+            "two_objects": float(np.mean(two))}
 
 
 def training_scene(i: int):
@@ -171,15 +182,18 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
     model = Path(args.model)
+    machine = machine_description()
+    print(f"machine: {machine}\n")
     base = base_model_fidelity(model, 4)
     print(f"base model, 8 colour-shape prompts x 4 images: colour {base['colour']:.2f}, shape {base['shape']:.2f}, "
-          f"both {base['both']:.2f}\n")
+          f"both {base['both']:.2f}; both objects of 8 two-object prompts x 4 images: "
+          f"{base['two_objects']:.2f}\n")
     scene_ids = range(args.first_train_scene, args.first_train_scene + args.train_scenes)
     trip = vae_round_trip(model, scene_ids)
     print(f"VAE encode-decode of the {args.train_scenes} training scenes, objects the judge still finds: shape and "
           f"colour {trip['shape_and_colour']}/{trip['objects']}, with their pattern {trip['with_pattern']}/"
           f"{trip['objects']}\n")
-    results = {"base": base, "vae_round_trip": trip, "training": [],
+    results = {"machine": machine, "base": base, "vae_round_trip": trip, "training": [],
                "masks": [mask_quality(model, args.mask_scenes, n, s) for s in MASK_SETTINGS for n in (2, 3)
                          if args.mask_scenes > 0]}
     if results["masks"]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from attencraft_core import AttenCraftError, parse_concepts  # noqa: E402
 from attencraft_core.concepts import add_concept_tokens  # noqa: E402
-from attencraft_core.devices import resolve_device  # noqa: E402
+from attencraft_core.devices import machine_description, resolve_device  # noqa: E402
 from attencraft_core.encoding import encode_prompts  # noqa: E402
 from attencraft_core.masks import MaskOptions, masks_from_latents  # noqa: E402
 from attencraft_core.model_loading import SDComponents  # noqa: E402
@@ -98,8 +97,8 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    print(f"device: {device} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}); {args.family}-shaped random UNet, {args.resolution} px")
+    print(f"device: {device} ({machine_description(device)}); {args.family}-shaped random UNet, "
+          f"{args.resolution} px")
     comps = build(args.family, args.resolution).to(device)
     print(f"UNet parameters: {sum(p.numel() for p in comps.unet.parameters()) / 1e6:.0f} M")
     image = Image.new("RGB", (args.resolution, args.resolution), (128, 128, 128))

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..attention import AttentionStore, capture_attention
-from ..devices import resolve_device
+from ..devices import machine_description, resolve_device
 from ..encoding import encode_images
 from ..model_loading import load_components
 from ..outputs import atomic_write
@@ -189,6 +189,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     """
     work.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
+    print(f"training on {device}: {machine_description(device)}")
     if device.type != "cpu":
         torch.set_float32_matmul_precision("high")  # TF32 where the accelerator has it
     torch.manual_seed(seed)

@@ -58,7 +58,6 @@ def test_demo_runs_end_to_end(untrained_toy_dir, tmp_path, planted_attention):
     assert words == "cyan, green" and len(scene.objects) == 2
 
 
-
 def test_demo_on_a_users_image_and_model_writes_the_sheet_without_toy_metrics(untrained_toy_dir, tmp_path,
                                                                                planted_attention):
     planted_attention(2)
@@ -70,6 +69,7 @@ def test_demo_on_a_users_image_and_model_writes_the_sheet_without_toy_metrics(un
     sheet = Image.open(tmp_path / "out" / "contact_sheet.png")
     # rows: input and masks; each concept alone; both together; each concept on the beach
     assert sheet.height == 6 * (256 + 16)
+
 
 @needs_weights
 def test_trained_model_generates_what_the_caption_asks(untrained_toy_dir):

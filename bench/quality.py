@@ -9,7 +9,7 @@
    (joint fidelity), and the gap between the two concepts' fidelities at evaluation points during training.
 3. Ablation: the same per sampling policy (adaptive, uniform, union), without the masked loss's margin (the
    paper's masks as extracted), and without the masked / attention loss; on request, with the reference
-   code's half-masked loss or with prior preservation (off in the toy's settings).
+   code's half-masked loss or with prior preservation (off in the toy's settings; 4 or 32 class images).
 
     python bench/quality.py                       # the configuration recorded in docs/quality.md
     python bench/quality.py --mask-scenes 5 --train-scenes 1 --steps 20 --images 2   # a quick look
@@ -51,7 +51,8 @@ from attencraft_core.training import Trainer  # noqa: E402
 VARIANTS = {"full": {}, "no mask margin": {"loss_mask_margin": 0}, "no masked loss": {"masked_loss": False},
             "no attention loss": {"attention_weight": 0.0},
             "half-masked loss": {"unmasked_term": True},  # the reference code's loss; not in the defaults
-            "prior preservation": {"prior_weight": 1.0}}  # the toy default until the tenth session; not in the defaults
+            "prior preservation": {"prior_weight": 1.0},  # the toy default until the tenth session; not in the defaults
+            "prior with 32 class images": {"prior_weight": 1.0, "num_class_images": 32}}  # not in the defaults
 
 
 MASK_SETTINGS = {"paper defaults, 64 px": MaskOptions(seed=0),

@@ -47,9 +47,9 @@ def machine_description(device: torch.device | None = None) -> str:
     `device` when it is not the CPU. Figures from machines that differ here need not agree to the last digit."""
     cpu = platform.processor() or platform.machine()
     try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                    if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = (line.partition(":") for line in first_cpu.splitlines())
+        info = {key.strip(): value.strip() for key, _, value in fields}
         cpu = f"{info['model name']} (family {info['cpu family']} model {info['model']})"
     except (OSError, KeyError):
         pass

@@ -156,7 +156,7 @@ def cmd_generate(args) -> int:
     out = Path(args.out)
     ensure_out_dir(out.parent if str(out.parent) else ".")
     comps = _load(args)
-    concept_set.apply(comps)
+    concept_set.apply(comps, args.strength)
     images = generate(comps, [args.prompt] * args.count, seed=args.seed, steps=args.steps, cfg=args.cfg,
                       negative_prompt=args.negative, resolution=args.resolution)
     for i, image in enumerate(images):
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--count", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--resolution", type=int, default=None, help="square side in px (default: the model's own)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="LoRA strength, as on the Apply Concepts node (default 1; the learned tokens stay as learned)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="the whole job on the shipped toy model: masks, training, generations",

@@ -11,7 +11,7 @@ import torch
 
 from .concepts import Concept, add_concept_tokens
 from .errors import AttenCraftError
-from .lora import load_lora_state_dict, to_kohya
+from .lora import load_lora_state_dict, set_lora_strength, to_kohya
 from .outputs import atomic_write
 
 FORMAT = "attencraft-concepts/1"
@@ -107,14 +107,16 @@ class ConceptSet:
             raise AttenCraftError(f"The prompt uses {', '.join(unknown)}, which this concept file does not "
                                   f"define. It defines: {known}.")
 
-    def apply(self, comps) -> None:
-        """Add the placeholder tokens with their learned embeddings and load the LoRA into the components."""
+    def apply(self, comps, strength: float = 1.0) -> None:
+        """Add the placeholder tokens with their learned embeddings and load the LoRA into the components, its
+        weight change scaled by `strength` (the embeddings stay as learned, like ComfyUI's strength on the MODEL)."""
         self.check_model(comps)
         ids = add_concept_tokens(comps.tokenizer, comps.text_encoder, self.concepts)
         with torch.no_grad():
             table = comps.text_encoder.get_input_embeddings().weight
             table[ids] = self.embeddings.to(table)
         load_lora_state_dict(comps.unet, self.lora, self.rank, self.alpha, self.targets)
+        set_lora_strength(comps.unet, strength)
 
     def save_kohya(self, path: str | Path) -> Path:
         """The LoRA in kohya format (what ComfyUI's LoraLoader and A1111 read), alpha = the real LoRA alpha."""

@@ -68,6 +68,17 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor], rank: int, alpha:
         param.requires_grad_(False)
 
 
+def set_lora_strength(unet, strength: float) -> None:
+    """Scale the adapter's weight change by `strength` (1 = as trained), what ComfyUI's LoRA strength does."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise AttenCraftError("This UNet has no AttenCraft LoRA to set the strength of: apply a concept set first.")
+    for layer in layers:
+        layer.set_scale(ADAPTER, strength)
+
+
 def kohya_name(module_path: str) -> str:
     return "lora_unet_" + module_path.replace(".", "_")
 

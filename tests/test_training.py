@@ -15,7 +15,7 @@ from attencraft_core import AttenCraftError, parse_concepts
 from attencraft_core.cli import main
 from attencraft_core.concept_file import ConceptSet, embedding_key
 from attencraft_core.generation import class_images, generate
-from attencraft_core.lora import from_kohya, lora_deltas
+from attencraft_core.lora import from_kohya, lora_deltas, set_lora_strength
 from attencraft_core.outputs import atomic_write
 from attencraft_core.tiny_models import build_tiny_components
 from attencraft_core.training import Trainer, TrainingCancelled, TrainOptions
@@ -118,6 +118,25 @@ def test_kohya_export_loads_back_to_the_same_deltas(tiny, tmp_path):
     layer = dict(tiny.unet.named_modules())[path]
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ original[path].T, atol=1e-5, rtol=1e-4)
+
+
+def test_strength_scales_the_lora_weight_change_like_comfyui(tiny, tmp_path):
+    result = make_trainer(tiny, tmp_path, rank=4, alpha=6.0).run("s")
+    concept_set = ConceptSet.load(result.files["concepts"])
+    generator = torch.Generator().manual_seed(0)  # four steps barely move B from zero: a clearly visible change
+    concept_set.lora = {k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in concept_set.lora.items()}
+    deltas = lora_deltas(concept_set.lora, {p: 6.0 for p in {k.rsplit(".lora_", 1)[0] for k in concept_set.lora}})
+    for strength in (0.5, 0.0, 1.0):
+        fresh = build_tiny_components(seed=0)
+        concept_set.apply(fresh, strength)
+        for path in list(deltas)[:3]:
+            layer = dict(fresh.unet.named_modules())[path]
+            x = torch.randn(3, layer.in_features)
+            assert (x @ deltas[path].T).abs().max() > 1e-3  # a change large enough to tell strengths apart
+            torch.testing.assert_close(layer(x), layer.base_layer(x) + strength * x @ deltas[path].T,
+                                       atol=1e-5, rtol=1e-4)
+    with pytest.raises(AttenCraftError, match="no AttenCraft LoRA"):
+        set_lora_strength(build_tiny_components(seed=0).unet, 0.5)
 
 
 def test_save_load_generate_gives_identical_images(tiny, tmp_path):
@@ -360,6 +379,10 @@ def test_train_and_generate_commands(tiny_model_dir, scene_png, tmp_path, capsys
     code = main(["generate", "--model", str(tiny_model_dir), "--concepts", str(out / "duo.safetensors"),
                  "--prompt", "a photo of <c0> on the beach", "--out", str(image), "--steps", "2"])
     assert code == 0 and Image.open(image).size == (64, 64)
+    weaker = tmp_path / "weaker.png"
+    code = main(["generate", "--model", str(tiny_model_dir), "--concepts", str(out / "duo.safetensors"),
+                 "--prompt", "a photo of <c0> on the beach", "--out", str(weaker), "--steps", "2", "--strength", "0"])
+    assert code == 0 and not np.array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(weaker)))
     code = main(["generate", "--model", str(tiny_model_dir), "--concepts", str(out / "duo.safetensors"),
                  "--prompt", "a photo of <c5>", "--out", str(image), "--steps", "2"])
     assert code == 2 and "does not define" in capsys.readouterr().err

@@ -39,6 +39,7 @@ from attencraft_core.devices import machine_description  # noqa: E402
 from attencraft_core.encoding import decode_latents, encode_images  # noqa: E402
 from attencraft_core.generation import generate  # noqa: E402
 from attencraft_core.images import image_to_tensor, tensor_to_image  # noqa: E402
+from attencraft_core.lora import set_lora_strength  # noqa: E402
 from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
 from attencraft_core.model_loading import load_components  # noqa: E402
 from attencraft_core.toy.evaluate import (  # noqa: E402
@@ -140,7 +141,8 @@ def evaluate(comps, scene, placeholders, images: int, seed: int, with_context: b
 
 
 def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, images: int, eval_every: int,
-                    work: Path, seed: int = 0) -> dict:
+                    work: Path, seed: int = 0, strengths: tuple[float, ...] = (1.0,)) -> dict[float, dict]:
+    """Train on `scene`, then judge the final concepts at each LoRA strength: {strength: metrics and gaps}."""
     shutil.rmtree(work, ignore_errors=True)  # a fresh run: never the finished checkpoint of another model or seed
     comps = load_components(model)
     concepts = parse_concepts(concept_words(scene))
@@ -157,9 +159,12 @@ def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, 
     trainer = Trainer(comps, scene.image, concepts, work, opts, cache_dir=work / "cache", callback=callback,
                       log=lambda s: None)
     trainer.run("bench")
-    final = evaluate(comps, scene, placeholders, images, seed=500)
-    gaps.append((steps, abs(final["fidelity"][0] - final["fidelity"][1])))
-    return {**final, "gaps": gaps}
+    finals = {}
+    for strength in strengths:
+        set_lora_strength(comps.unet, strength)
+        final = evaluate(comps, scene, placeholders, images, seed=500)
+        finals[strength] = {**final, "gaps": gaps + [(steps, abs(final["fidelity"][0] - final["fidelity"][1]))]}
+    return finals
 
 
 def main() -> None:
@@ -178,6 +183,9 @@ def main() -> None:
                          "moves a four-scene row by about 0.08 (docs/quality.md)")
     ap.add_argument("--policies", default="adaptive,uniform,union")
     ap.add_argument("--variants", default="full,no mask margin,no masked loss,no attention loss")
+    ap.add_argument("--strengths", default="1",
+                    help="LoRA strengths to judge the trained concepts at, comma-separated (the Apply Concepts node's "
+                         "strength; the gap during training is measured at 1)")
     ap.add_argument("--work", default="out/bench-quality")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     args = ap.parse_args()
@@ -205,45 +213,55 @@ def main() -> None:
               f"{r['mean_iou_extracted']:.3f} |")
 
     seeds = [int(x) for x in args.seeds.split(",")]
+    strengths = tuple(float(x) for x in args.strengths.split(","))
     rows = []
     for policy in (args.policies.split(",") if args.train_scenes > 0 else []):
         for name in args.variants.split(","):
             if policy != "adaptive" and name != "full":
                 continue  # the loss ablations run with the default policy
-            runs, refused = [], 0
+            runs_by_strength, refused = {s: [] for s in strengths}, 0
             for i, seed in itertools.product(scene_ids, seeds):
                 scene = training_scene(i)
                 try:
-                    run = train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
-                                          args.eval_every,
-                                          Path(args.work) / f"{policy}-{name}-{i}-seed{seed}".replace(" ", "_"), seed)
-                    runs.append({"scene": i, "seed": seed, **run})
-                    print(f"{policy}/{name} scene {i} seed {seed}: fidelity {runs[-1]['fidelity']}, leakage "
-                          f"{runs[-1]['leakage']}, joint {runs[-1]['joint']}, context {runs[-1]['context']} "
-                          f"({time.time() - started:.0f} s)", flush=True)
+                    finals = train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
+                                             args.eval_every,
+                                             Path(args.work) / f"{policy}-{name}-{i}-seed{seed}".replace(" ", "_"),
+                                             seed, strengths)
                 except AttenCraftError as exc:  # the model's attention did not separate this scene's objects
                     refused += 1
                     print(f"{policy}/{name} scene {i} seed {seed}: {str(exc).split('.')[0]}")
-            if not runs:
-                continue
-            row = {"policy": policy, "variant": name, "trained_runs": len(runs), "refused": refused,
-                   "fidelity": float(np.mean([np.mean(r["fidelity"]) for r in runs])),
-                   "leakage": float(np.mean([np.mean(r["leakage"]) for r in runs])),
-                   "joint": float(np.mean([r["joint"] for r in runs])),
-                   "context": float(np.mean([np.mean(r["context"]) for r in runs])),
-                   "gap_by_step": {s: float(np.mean([dict(r["gaps"])[s] for r in runs])) for s, _ in runs[0]["gaps"]}}
-            rows.append(row)
-            results["training"].append({**row, "runs": runs})
+                    continue
+                for strength, run in finals.items():
+                    runs_by_strength[strength].append({"scene": i, "seed": seed, **run})
+                    at = f" strength {strength:g}" if len(strengths) > 1 else ""
+                    print(f"{policy}/{name} scene {i} seed {seed}{at}: fidelity {run['fidelity']}, leakage "
+                          f"{run['leakage']}, joint {run['joint']}, context {run['context']} "
+                          f"({time.time() - started:.0f} s)", flush=True)
+            for strength, runs in runs_by_strength.items():
+                if not runs:
+                    continue
+                row = {"policy": policy, "variant": name, "strength": strength, "trained_runs": len(runs),
+                       "refused": refused,
+                       "fidelity": float(np.mean([np.mean(r["fidelity"]) for r in runs])),
+                       "leakage": float(np.mean([np.mean(r["leakage"]) for r in runs])),
+                       "joint": float(np.mean([r["joint"] for r in runs])),
+                       "context": float(np.mean([np.mean(r["context"]) for r in runs])),
+                       "gap_by_step": {s: float(np.mean([dict(r["gaps"])[s] for r in runs]))
+                                       for s, _ in runs[0]["gaps"]}}
+                rows.append(row)
+                results["training"].append({**row, "runs": runs})
     if rows:
         print(f"\n{args.train_scenes} held-out two-object scenes from scene {args.first_train_scene}, training seeds "
               f"{args.seeds}, {args.steps} steps, {args.images} images per prompt\n")
-        print("| policy | variant | runs | concept fidelity | leakage | joint fidelity | context fidelity | "
-              "fidelity gap by step |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        by_strength = len(strengths) > 1  # the column only when several strengths were judged
+        print("| policy | variant |" + (" LoRA strength |" if by_strength else "") + " runs | concept fidelity | "
+              "leakage | joint fidelity | context fidelity | fidelity gap by step |")
+        print("| --- " * (8 + by_strength) + "|")
     for r in rows:
         gaps = ", ".join(f"{s}: {g:.2f}" for s, g in r["gap_by_step"].items())
-        print(f"| {r['policy']} | {r['variant']} | {r['trained_runs']} | {r['fidelity']:.3f} | {r['leakage']:.3f} | "
-              f"{r['joint']:.3f} | {r['context']:.3f} | {gaps} |")
+        strength = f" {r['strength']:g} |" if by_strength else ""
+        print(f"| {r['policy']} | {r['variant']} |{strength} {r['trained_runs']} | {r['fidelity']:.3f} | "
+              f"{r['leakage']:.3f} | {r['joint']:.3f} | {r['context']:.3f} | {gaps} |")
     print(f"\n({time.time() - started:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

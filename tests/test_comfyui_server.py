@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors import safe_open
 
+from attencraft_core.checkpoint import load_checkpoint
 from comfy_support import ROOT, ComfyServer, build_sd15_checkpoint, comfy_dir
 from conftest import two_object_array
 
@@ -180,8 +180,8 @@ def test_cancel_during_training_keeps_the_last_checkpoint(server, mask_seed):
     ws.close()
     assert event["type"] == "execution_interrupted"
     assert last <= seen + 2, f"training went on from step {seen} to {last} after cancel"
-    checkpoint = server.base / "models" / "attencraft" / "cancelled_run" / "checkpoint.pt"
-    state = torch.load(checkpoint, weights_only=False)
+    checkpoint = server.base / "models" / "attencraft" / "cancelled_run" / "checkpoint.safetensors"
+    _, state = load_checkpoint(checkpoint)
     assert 6 <= state["step"] <= last and state["step"] % 6 == 0
     assert not (server.base / "models" / "attencraft" / "cancelled.safetensors").exists()
     history = server.get(f"/history/{prompt_id}")[prompt_id]

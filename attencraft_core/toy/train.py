@@ -194,7 +194,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         torch.set_float32_matmul_precision("high")  # TF32 where the accelerator has it
     torch.manual_seed(seed)
     ckpt_path = work / "toy_checkpoint.pt"
-    state = torch.load(ckpt_path, weights_only=False, map_location="cpu") if ckpt_path.is_file() else None
+    state = torch.load(ckpt_path, weights_only=True, map_location="cpu") if ckpt_path.is_file() else None
     log = {"vae_step": 0, "decoder_step": 0, "unet_step": 0, "vae_all_step": 0, "seconds": 0.0, "losses": []}
     comps = build_toy_components(seed)
     if init and not state:  # its weights into fresh modules, so the export has the same files as any other

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 from .errors import AttenCraftError
+from .progress import ProgressBars
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_quiet_arg(p)
     p.add_argument("--model", required=True,
                    help="local diffusers folder of an SD 1.x/2.x style model (unet/, vae/, text_encoder/, "
                         "tokenizer/, scheduler/); nothing is downloaded")
@@ -19,6 +21,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="precision on an accelerator (weights for masks/generate, autocast for train); the CPU "
                         "always uses fp32 (default fp32)")
+
+
+def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or log lines; results and errors only")
 
 
 def _add_mask_args(p: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
@@ -50,7 +56,7 @@ def _mask_options(args):
                        self_factor=args.self_factor, resolution=args.resolution)
 
 
-def _load(args, train: bool = False):
+def _load(args, progress, train: bool = False):
     """Load --model on --device; training keeps fp32 master weights (--precision then sets autocast)."""
     import torch
 
@@ -59,7 +65,7 @@ def _load(args, train: bool = False):
 
     device = resolve_device(args.device)
     dtype = torch.float32 if train else resolve_dtype(args.precision, device)
-    return load_components(args.model, device, dtype, progress=True)
+    return load_components(args.model, device, dtype, progress=progress)
 
 
 def cmd_masks(args) -> int:
@@ -72,35 +78,26 @@ def cmd_masks(args) -> int:
     image, notes = load_image(args.image)
     opts = _mask_options(args)
     out = ensure_out_dir(args.out)
-    comps = _load(args)
-    result = extract_masks(comps, image, concepts, opts)
+    bars = ProgressBars(args.quiet)
+    comps = _load(args, bars)
+    result = extract_masks(comps, image, concepts, opts, progress=bars)
     result.notes[:0] = notes
     summary = save_mask_outputs(out, image, result)
     for note in result.notes:
         print(f"note: {note}")
     for entry in summary["concepts"]:
+        confidence = entry["confidence"]
+        if confidence["level"] == "low":
+            print(f"warning: the mask of {entry['word']!r} has low confidence (a small region, or not where its "
+                  "token attends most): check overlay.png; another --seed or a more distinctive word may help")
         print(f"{entry['placeholder']} {entry['word']}: score {entry['score']:.3f}, "
-              f"{100 * entry['mask_fraction']:.1f}% of the image -> {out / entry['mask_file']}")
+              f"{100 * entry['mask_fraction']:.1f}% of the image, confidence {confidence['level']} "
+              f"(margin {confidence['attention_margin']:.2f}) -> {out / entry['mask_file']}")
     print(f"overlay: {out / 'overlay.png'}; timestep {result.timestep}")
     return 0
 
 
-def _progress(total: int, initial: int = 0):
-    """A tqdm bar whose callback shows loss and sampling ratios (the trainer's callback signature)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
-
-    def callback(step, steps, record, ratios):
-        bar.set_postfix(loss=f"{record['loss']:.4f}", ratios=",".join(f"{k}:{v:.2f}" for k, v in ratios.items()),
-                        refresh=False)
-        bar.update(step - bar.n)
-    return bar, callback
-
-
 def cmd_train(args) -> int:
-    from tqdm import tqdm
-
     from .concepts import parse_concepts
     from .images import load_image
     from .outputs import ensure_out_dir, safe_name
@@ -116,7 +113,6 @@ def cmd_train(args) -> int:
     if args.class_images:
         files = sorted(p for p in Path(args.class_images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
         if not files:
-            from .errors import AttenCraftError
             raise AttenCraftError(f"No PNG/JPEG/WebP images in --class-images {args.class_images}.")
         class_imgs = [load_image(p)[0] for p in files]
     opts = TrainOptions(
@@ -131,15 +127,18 @@ def cmd_train(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, resolution=args.resolution, masks=_mask_options(args))
     opts.check()
     out = ensure_out_dir(args.out)
-    comps = _load(args, train=True)
+    bars = ProgressBars(args.quiet)
+    comps = _load(args, bars, train=True)
     for note in notes:
-        print(f"note: {note}")
+        bars.log(f"note: {note}")
     trainer = Trainer(comps, image, concepts, out, opts, user_masks=user_masks, class_images=class_imgs,
-                      cache_dir=args.cache_dir, log=tqdm.write)
-    start = trainer.resume() if args.resume else 0
-    bar, trainer.callback = _progress(opts.steps, start)
-    with bar:
+                      cache_dir=args.cache_dir, log=bars.log, progress=bars)
+    if args.resume:
+        trainer.resume()
+    try:
         result = trainer.run(safe_name(args.name))
+    finally:
+        bars.close()
     print(f"final loss {result.history[-1]['loss']:.4f}" if result.history else "no step was run")
     for kind, path in result.files.items():
         print(f"{kind}: {path}")
@@ -155,10 +154,11 @@ def cmd_generate(args) -> int:
     concept_set.check_prompt(args.prompt)
     out = Path(args.out)
     ensure_out_dir(out.parent if str(out.parent) else ".")
-    comps = _load(args)
+    bars = ProgressBars(args.quiet)
+    comps = _load(args, bars)
     concept_set.apply(comps, args.strength)
     images = generate(comps, [args.prompt] * args.count, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                      negative_prompt=args.negative, resolution=args.resolution)
+                      negative_prompt=args.negative, resolution=args.resolution, progress=bars)
     for i, image in enumerate(images):
         path = out if args.count == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
         save_image(path, image)
@@ -169,8 +169,12 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, model_dir=args.model, image_path=args.image, concepts=args.concepts, steps=args.steps,
-             images_per_prompt=args.images, seed=args.seed)
+    bars = ProgressBars(args.quiet)
+    try:
+        run_demo(args.out, model_dir=args.model, image_path=args.image, concepts=args.concepts, steps=args.steps,
+                 images_per_prompt=args.images, seed=args.seed, log=bars.log, progress=bars)
+    finally:
+        bars.close()
     return 0
 
 
@@ -206,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train concept embeddings and a LoRA with AttenCraft's masked and attention "
                                    "losses. Writes <name>.safetensors (concept set), <name>_lora_kohya.safetensors, "
                                    "<name>_c<i>.safetensors (textual inversion), masks, <name>_loss.png, "
-                                   "<name>_train.json and checkpoint.pt to --out.")
+                                   "<name>_train.json and checkpoint.safetensors to --out.")
     _add_model_args(p)
     p.add_argument("--image", required=True, help="the image showing all concepts")
     p.add_argument("--concepts", required=True, help='comma-separated word per concept, e.g. "cat,dog"')
@@ -250,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssim-min", type=float, default=d.ssim_min,
                    help=f"a refreshed mask is kept only with SSIM >= this vs the previous one (default {d.ssim_min})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help=f"write checkpoint.pt every N steps (default {d.checkpoint_every})")
-    p.add_argument("--resume", action="store_true", help="continue from checkpoint.pt in --out")
+                   help=f"write checkpoint.safetensors every N steps (default {d.checkpoint_every})")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint.safetensors in --out")
     p.add_argument("--two-phase", action="store_true",
                    help="first train embeddings only at --phase1-lr, then LoRA + embeddings (Break-A-Scene)")
     p.add_argument("--phase1-steps", type=int, default=d.phase1_steps,
@@ -284,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "alone, together and in a new context. Writes contact_sheet.png and "
                                    "report.json (mask IoU, fidelity, leakage on the toy world) to --out.")
     p.add_argument("--out", required=True, help="output folder")
+    _add_quiet_arg(p)
     p.add_argument("--model", default=None, help="an SD 1.x/2.x diffusers folder instead of the toy model")
     p.add_argument("--image", default=None, help="the image, with --model")
     p.add_argument("--concepts", default=None, help='comma-separated concept words, with --model (e.g. "cat,dog")')
@@ -304,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # the libraries' own loading bars too
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     try:
         return args.func(args)
     except AttenCraftError as exc:

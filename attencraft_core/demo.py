@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from .concepts import parse_concepts
 from .errors import AttenCraftError
 from .outputs import ensure_out_dir, save_image, write_json
+from .progress import Progress, no_progress
 
 EXAMPLE_SCENE = Path(__file__).resolve().parents[1] / "examples" / "toy_scene.json"
 
@@ -40,7 +41,9 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image]]], tile: int = 128) ->
 
 
 def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = None, steps: int | None = None,
-             images_per_prompt: int = 4, seed: int = 0, log=print) -> dict:
+             images_per_prompt: int = 4, seed: int = 0, log=print, progress: Progress = no_progress) -> dict:
+    """Masks, training and generations in `out_dir`; returns the report (also written as report.json).
+    `log` takes one line per stage; `progress` is told every long phase (see attencraft_core.progress)."""
     from .images import load_image, mask_to_image, overlay
     from .masks import MaskOptions, extract_masks
     from .model_loading import load_components
@@ -66,9 +69,9 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
     else:
         image, notes = load_image(image_path)
     concept_list = parse_concepts(concepts)
-    comps = load_components(model_dir, progress=True)
+    comps = load_components(model_dir, progress=progress)
     log(f"extracting masks for {', '.join(c.word for c in concept_list)}")
-    result = extract_masks(comps, image, concept_list, MaskOptions(seed=seed))
+    result = extract_masks(comps, image, concept_list, MaskOptions(seed=seed), progress=progress)
     report: dict = {"model": str(model_dir), "concepts": [{"word": c.word, "placeholder": c.placeholder}
                                                           for c in concept_list], "notes": notes}
     if scene is not None:
@@ -82,7 +85,8 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
         opts = TrainOptions(seed=seed) if steps is None else TrainOptions(steps=steps, seed=seed)
     steps = opts.steps
     log(f"training {steps} steps")
-    trainer = Trainer(comps, image, concept_list, out / "run", opts, cache_dir=out / "cache", log=log)
+    trainer = Trainer(comps, image, concept_list, out / "run", opts, cache_dir=out / "cache", log=log,
+                      progress=progress)
     trained = trainer.run("demo")
     report["final_loss"] = round(trained.history[-1]["loss"], 5)
     report["mask_events"] = trained.events
@@ -96,8 +100,9 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
     rows = [("input | overlay | masks", [image, overlay(image, result.masks)]
              + [mask_to_image(m) for m in result.masks])]
     generated = {}
-    for prompt in prompts:
-        images = generate(comps, [prompt] * images_per_prompt, seed=seed + 1000, steps=25, cfg=5.0)
+    for k, prompt in enumerate(prompts, 1):
+        images = generate(comps, [prompt] * images_per_prompt, seed=seed + 1000, steps=25, cfg=5.0,
+                          progress=lambda phase, done, total: progress(f"images {k}/{len(prompts)}", done, total))
         generated[prompt] = images
         rows.append((prompt, images))
     save_image(out / "contact_sheet.png", contact_sheet(rows, tile=128 if toy else 256))

@@ -11,6 +11,7 @@ from PIL import Image
 
 from .model_loading import SDComponents
 from .outputs import save_image
+from .progress import Progress, no_progress
 
 
 def make_pipeline(comps: SDComponents):
@@ -26,22 +27,30 @@ def make_pipeline(comps: SDComponents):
 
 
 def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int = 30, cfg: float = 7.5,
-             negative_prompt: str = "", resolution: int | None = None) -> list[Image.Image]:
-    """One image per prompt; image i uses seed + i, so results do not depend on batch composition."""
+             negative_prompt: str = "", resolution: int | None = None,
+             progress: Progress = no_progress) -> list[Image.Image]:
+    """One image per prompt; image i uses seed + i, so results do not depend on batch composition.
+    `progress` is told ("generating", sampling steps done, len(prompts) x steps)."""
     from .concepts import tokenize_prompt
 
     for prompt in prompts:
         tokenize_prompt(comps.tokenizer, prompt)  # readable error for over-long prompts
     size = resolution or comps.native_resolution
     pipe = make_pipeline(comps)
-    images = []
+    images, total = [], len(prompts) * steps
+    progress("generating", 0, total)
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
+            def step_done(pipe, step, timestep, tensors, done=i * steps):
+                progress("generating", done + step + 1, total)
+                return tensors
+
             generator = torch.Generator("cpu").manual_seed(seed + i)
             latents = torch.randn((1, comps.unet.config.in_channels, size // comps.vae_scale_factor,
                                    size // comps.vae_scale_factor), generator=generator)
             images += pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
-                           height=size, width=size, latents=latents.to(comps.device, comps.dtype)).images
+                           height=size, width=size, latents=latents.to(comps.device, comps.dtype),
+                           callback_on_step_end=step_done).images
     return images
 
 
@@ -60,19 +69,20 @@ def default_cache_dir() -> Path:
 
 
 def class_images(comps: SDComponents, prompt: str, count: int, resolution: int, steps: int = 25,
-                 cache_dir: str | Path | None = None, progress=None) -> list[Image.Image]:
-    """`count` base-model images of `prompt`, generated once and cached on disk by model, prompt and size."""
+                 cache_dir: str | Path | None = None, progress: Progress = no_progress) -> list[Image.Image]:
+    """`count` base-model images of `prompt`, generated once and cached on disk by model, prompt and size;
+    `progress` is told ("class images", images ready, count)."""
     key = hashlib.sha256(f"{model_fingerprint(comps)}|{prompt}|{resolution}|{steps}".encode()).hexdigest()[:16]
     folder = Path(cache_dir or default_cache_dir()) / "class_images" / key
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompt.txt").write_text(prompt)
     images = []
+    progress("class images", 0, count)
     for i in range(count):
         path = folder / f"{i:04d}.png"
         if not path.is_file():
             image = generate(comps, [prompt], seed=10_000 + i, steps=steps, resolution=resolution)[0]
             save_image(path, image)
         images.append(Image.open(path).convert("RGB"))
-        if progress:
-            progress(i + 1, count)
+        progress("class images", i + 1, count)
     return images

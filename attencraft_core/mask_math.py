@@ -96,6 +96,20 @@ def assign_regions(labels: torch.Tensor, token_attention: torch.Tensor, names: l
     return MaskAssignment(region_of_concept, means)
 
 
+def assignment_confidence(assignment: MaskAssignment) -> tuple[torch.Tensor, list[bool]]:
+    """Per concept: (own token's mean attention in its region minus the best other token's there, whether that
+    region is where its token attends most of all regions). A small margin or False: the masks may be swapped
+    or split; check the overlay."""
+    means = assignment.attention_in_region  # [regions, tokens]
+    margins, strongest = [], []
+    for k, region in enumerate(assignment.region_of_concept):
+        row = means[region - 1]
+        others = torch.cat([row[:k], row[k + 1:]])
+        margins.append(float(row[k] - others.max()) if len(others) else float(row[k]))
+        strongest.append(int(means[:, k].argmax()) == region - 1)
+    return torch.tensor(margins), strongest
+
+
 def attention_scores(token_attention: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """[N]: mean normalised cross-attention of each concept's token inside its own mask."""
     masks = masks.float()

@@ -12,8 +12,10 @@ from . import mask_math
 from .attention import AttentionStore, capture_attention, map_side
 from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positions
 from .encoding import encode_images, encode_prompts
+from .errors import AttenCraftError
 from .images import image_to_tensor
 from .model_loading import SDComponents
+from .progress import Progress, no_progress
 
 
 @dataclass
@@ -30,7 +32,6 @@ class MaskOptions:
     resolution: int | None = None  # square side the image is resized to; None = the model's own
 
     def check(self, num_train_timesteps: int) -> None:
-        from .errors import AttenCraftError
         if not 0 <= self.t_min < self.t_max <= num_train_timesteps:
             raise AttenCraftError(
                 f"Timestep range [{self.t_min}, {self.t_max}) is invalid: need 0 <= min < max <= "
@@ -39,6 +40,11 @@ class MaskOptions:
             raise AttenCraftError(f"Threshold {self.threshold} must be in [0, 1); the default is 0.1.")
         if self.affinity_power < 1:
             raise AttenCraftError("The affinity power must be at least 1 (default 4).")
+
+
+# A region under this share of the attention grid is "low" confidence. On 261 masks of the toy world's held-out
+# scenes (64 and 128 px) 9 of the 10 with IoU < 0.3 were flagged low; low masks average IoU 0.34, the others 0.78.
+SMALL_REGION = 0.02
 
 
 @dataclass
@@ -51,15 +57,24 @@ class MaskResult:
     token_attention: torch.Tensor     # [N + 1, h, w] normalised cross-attention, index 0 = start token
     scores: torch.Tensor              # [N] mean attention of each token inside its own mask
     timestep: int
+    margins: torch.Tensor             # [N] own token's mean attention in its region minus the best other token's
+    strongest: list[bool]             # [N] the region is where the concept's token attends most of all regions
     masks: torch.Tensor | None = None  # [N, H, W] bool at the user's image size
     notes: list[str] = field(default_factory=list)
+
+    def confidence(self, k: int) -> dict:
+        """How sure the attention is of concept k's mask. "low" (a region under SMALL_REGION of the attention
+        grid, or not where the concept's token attends most): check the overlay, try another seed or word."""
+        share, strongest = float(self.masks_lowres[k].float().mean()), bool(self.strongest[k])
+        return {"attention_margin": round(float(self.margins[k]), 6), "strongest_in_own_region": strongest,
+                "level": "high" if strongest and share >= SMALL_REGION else "low"}
 
     def summary(self) -> dict:
         """JSON-ready description (no tensors but the small per-concept numbers)."""
         return {
             "concepts": [{"word": c.word, "placeholder": c.placeholder, "score": round(float(s), 6),
-                          "mask_fraction": round(float(m.float().mean()), 6)}
-                         for c, m, s in zip(self.concepts, self.masks_lowres, self.scores)],
+                          "mask_fraction": round(float(m.float().mean()), 6), "confidence": self.confidence(k)}
+                         for k, (c, m, s) in enumerate(zip(self.concepts, self.masks_lowres, self.scores))],
             "timestep": self.timestep,
             "notes": list(self.notes),
         }
@@ -96,9 +111,11 @@ def concept_attention(comps: SDComponents, latents: torch.Tensor, concepts: list
 
 
 def masks_from_latents(comps: SDComponents, latents: torch.Tensor, concepts: list[Concept],
-                       opts: MaskOptions, generator: torch.Generator) -> MaskResult:
-    """The paper's mask initialization on latents [1, C, h, w]: one UNet pass, then the mask rule."""
+                       opts: MaskOptions, generator: torch.Generator, progress: Progress = no_progress) -> MaskResult:
+    """The paper's mask initialization on latents [1, C, h, w]: one UNet pass, then the mask rule.
+    `progress` is told ("masks", 1, 2) after the UNet pass and ("masks", 2, 2) at the end."""
     attention, self_attn, t = concept_attention(comps, latents, concepts, opts, generator)
+    progress("masks", 1, 2)
     maps = mask_math.propagate(mask_math.affinity(self_attn, opts.affinity_power), attention)
     labels = mask_math.margin_labels(maps, opts.threshold)
     assignment = mask_math.assign_regions(labels, attention[1:], [c.word for c in concepts])
@@ -106,24 +123,48 @@ def masks_from_latents(comps: SDComponents, latents: torch.Tensor, concepts: lis
     # Reorder maps so that map k + 1 is the region concept k received.
     maps = torch.cat([maps[:1], maps[assignment.region_of_concept]])
     scores = mask_math.attention_scores(attention[1:], masks)
-    return MaskResult(concepts, masks, maps, attention, scores, t)
+    margins, strongest = mask_math.assignment_confidence(assignment)
+    progress("masks", 2, 2)
+    return MaskResult(concepts, masks, maps, attention, scores, t, margins, strongest)
 
 
 def upsample_masks(result: MaskResult, size: tuple[int, int], threshold: float) -> torch.Tensor:
-    """[N, H, W] bool at `size` (width, height): the margin rule re-applied on bilinearly upsampled maps."""
+    """[N, H, W] bool at `size` (width, height): the margin rule re-applied on bilinearly upsampled maps, which
+    follows object edges more finely than the attention grid.
+
+    A concept whose region the finer rule leaves empty (a region of a few attention pixels can fall below the
+    margin everywhere once interpolated) keeps its attention-resolution region, upsampled, minus the other
+    concepts' pixels, and a note says so; if even that is empty, the masks are refused as ambiguous.
+    """
     width, height = size
     maps = F.interpolate(result.maps[None], size=(height, width), mode="bilinear", align_corners=False)[0]
     labels = mask_math.margin_labels(maps, threshold)
-    return torch.stack([labels == k + 1 for k in range(len(result.concepts))])
+    masks = torch.stack([labels == k + 1 for k in range(len(result.concepts))])
+    coarse = F.interpolate(result.masks_lowres.float()[None], size=(height, width), mode="nearest")[0] > 0.5
+    for k, concept in enumerate(result.concepts):
+        if masks[k].any():
+            continue
+        others = torch.cat([masks[:k], masks[k + 1:]]).any(0)
+        masks[k] = coarse[k] & ~others
+        if not masks[k].any():
+            raise AttenCraftError(f"The mask of {concept.word!r} vanishes at the image's size: the attention "
+                                  f"maps do not separate the concepts in this image. {mask_math.AMBIGUITY_ADVICE}")
+        result.notes.append(f"the mask of {concept.word!r} is its attention-resolution region (the finer rule at "
+                            "image size left it empty): a small, uncertain region")
+    return masks
 
 
 def extract_masks(comps: SDComponents, image: Image.Image, concepts: list[Concept],
-                  opts: MaskOptions | None = None) -> MaskResult:
-    """Masks, maps and scores for the concepts in an RGB image. Adds the concept tokens to the components."""
+                  opts: MaskOptions | None = None, progress: Progress = no_progress) -> MaskResult:
+    """Masks, maps and scores for the concepts in an RGB image. Adds the concept tokens to the components.
+    `progress` is told ("masks", stages done, 3): image encoded, attention recorded, masks derived."""
     opts = opts or MaskOptions()
+    progress("masks", 0, 3)
     add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
     resolution = opts.resolution or comps.native_resolution
     latents = encode_images(comps, image_to_tensor(image, resolution))
-    result = masks_from_latents(comps, latents, concepts, opts, torch.Generator().manual_seed(opts.seed))
+    progress("masks", 1, 3)
+    result = masks_from_latents(comps, latents, concepts, opts, torch.Generator().manual_seed(opts.seed),
+                                progress=lambda phase, done, total: progress("masks", 1 + done, 3))
     result.masks = upsample_masks(result, image.size, opts.threshold)
     return result

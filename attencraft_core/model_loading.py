@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import AttenCraftError
+from .progress import Progress, no_progress
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -103,13 +103,13 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 
 def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, progress: bool = False) -> SDComponents:
-    """Load UNet, VAE, CLIP text encoder, tokenizer and a DDPM noise scheduler, offline."""
+                    dtype: torch.dtype = torch.float32, progress: Progress = no_progress) -> SDComponents:
+    """Load UNet, VAE, CLIP text encoder, tokenizer and a DDPM noise scheduler, offline; `progress` is told
+    ("loading <folder>", parts loaded, 5)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = check_model_dir(model_dir)
-    start = time.perf_counter()
     parts = {}
     loaders = {
         "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True),
@@ -118,13 +118,14 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
         "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype),
         "scheduler": lambda p: DDPMScheduler.from_pretrained(p, local_files_only=True),
     }
+    phase = f"loading {root.name}"
+    progress(phase, 0, len(loaders))
     for i, (name, load) in enumerate(loaders.items(), 1):
-        if progress:
-            print(f"Loading model {root.name}: {name} ({i}/{len(loaders)})", flush=True)
         try:
             parts[name] = load(root / name)
         except Exception as exc:  # library errors become one readable message
             raise AttenCraftError(f"Could not load {name} from {root / name}: {exc}") from exc
+        progress(phase, i, len(loaders))
     comps = SDComponents(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
                          parts["scheduler"], source=str(root))
     if comps.unet.config.cross_attention_dim != comps.text_encoder.config.hidden_size:
@@ -134,6 +135,4 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
     for module in (comps.unet, comps.vae, comps.text_encoder):
         module.requires_grad_(False).eval()
     comps.to(torch.device(device), dtype)
-    if progress:
-        print(f"Loaded {root.name} ({comps.family}) in {time.perf_counter() - start:.1f} s", flush=True)
     return comps

@@ -14,6 +14,8 @@ from PIL import Image
 
 from . import mask_math
 from .attention import AttentionStore, capture_attention, map_side
+from .checkpoint import (CHECKPOINT, load_checkpoint, optimizer_from_flat, optimizer_to_flat, refuse_legacy,
+                         save_checkpoint)
 from .concept_file import ConceptSet
 from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positions
 from .encoding import encode_images, encode_prompts
@@ -23,11 +25,9 @@ from .lora import add_lora, copy_lora_weights, lora_parameters, lora_state_dict
 from .losses import attention_loss, masked_diffusion_loss, ssim
 from .masks import MaskOptions, concept_attention, masks_from_latents
 from .model_loading import SDComponents
-from .outputs import atomic_write, ensure_out_dir, write_json
+from .outputs import ensure_out_dir, write_json
+from .progress import Progress, no_progress
 from .sampling import ConceptSampler
-
-CHECKPOINT = "checkpoint.pt"
-
 
 @dataclass
 class TrainOptions:
@@ -122,8 +122,11 @@ class Trainer:
     def __init__(self, comps: SDComponents, image: Image.Image, concepts: list[Concept], out_dir: str | Path,
                  opts: TrainOptions | None = None, user_masks: list | None = None,
                  class_images: list[Image.Image] | None = None, cache_dir: str | Path | None = None,
-                 callback=None, log=print):
+                 callback=None, log=print, progress: Progress = no_progress):
+        """`callback(step, steps, record, ratios)` after each step (may raise TrainingCancelled); `progress` is
+        told each long phase: class images, masks, training (with loss and sampling ratios)."""
         self.opts = opts or TrainOptions()
+        self.progress = progress
         self.opts.check(comps.native_resolution)
         self.comps, self.concepts, self.callback, self.log = comps, concepts, callback, log
         self.out = ensure_out_dir(out_dir)
@@ -140,7 +143,7 @@ class Trainer:
                 from .generation import class_images as make_class_images
                 log(f"class images: {self.opts.num_class_images} x {self.opts.class_prompt!r} (cached)")
                 class_images = make_class_images(comps, self.opts.class_prompt, self.opts.num_class_images,
-                                                 resolution, self.opts.class_steps, cache_dir)
+                                                 resolution, self.opts.class_steps, cache_dir, progress)
             self.class_latents = torch.cat([encode_images(comps, image_to_tensor(im, resolution))
                                             for im in class_images])
         self.generator = torch.Generator().manual_seed(self.opts.seed)
@@ -154,7 +157,7 @@ class Trainer:
             self.events += notes
         else:
             result = masks_from_latents(comps, self.latents, concepts, opts_m,
-                                        torch.Generator().manual_seed(opts_m.seed))
+                                        torch.Generator().manual_seed(opts_m.seed), progress)
             self.masks, self.scores = result.masks_lowres, result.scores
         self.sampler = ConceptSampler(len(concepts), self.opts.policy, self.opts.all_share, self.opts.seed)
         self.sampler.set_scores(self.scores)
@@ -284,41 +287,56 @@ class Trainer:
                     f"sampling ratios {self.sampler.ratios()}", step)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
-    def _checkpoint_state(self, step: int) -> dict:
-        return {"step": step, "lora": lora_state_dict(self.comps.unet),
-                "embeddings": self.embedding.detach()[self.token_ids].cpu().clone(),
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "sampler": self.sampler.state(), "masks": self.masks.cpu(), "scores": self.scores.cpu(),
-                "history": self.history, "events": self.events,
-                "concepts": [c.placeholder + "=" + c.word for c in self.concepts],
+    def _signature(self) -> dict:
+        """What must match for a checkpoint to continue this run."""
+        return {"concepts": [c.placeholder + "=" + c.word for c in self.concepts],
                 "options": {"seed": self.opts.seed, "rank": self.opts.rank, "targets": self.opts.targets}}
 
     def save_checkpoint(self, step: int) -> Path:
-        state = self._checkpoint_state(step)
-        return atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        """Write the resumable state (no pickle: safetensors + JSON metadata) atomically."""
+        optimizer_tensors, optimizer_info = optimizer_to_flat(self.optimizer.state_dict())
+        tensors = {**{f"lora.{k}": v for k, v in lora_state_dict(self.comps.unet).items()},
+                   "embeddings": self.embedding.detach()[self.token_ids].float(),
+                   "masks": self.masks.to(torch.uint8), "scores": self.scores.float(),
+                   "generator": self.generator.get_state(), **optimizer_tensors}
+        info = {"step": step, "sampler": self.sampler.state(), "history": self.history, "events": self.events,
+                "optimizer": optimizer_info, **self._signature()}
+        return save_checkpoint(self.out / CHECKPOINT, tensors, info)
 
     def resume(self) -> int:
-        """Load out/checkpoint.pt if present; returns the step it continues from (0 if none)."""
+        """Load out/checkpoint.safetensors if present; returns the step it continues from (0 if none)."""
+        refuse_legacy(self.out)
         path = self.out / CHECKPOINT
         if not path.is_file():
             self.log(f"no checkpoint in {self.out}; starting from step 0")
             return 0
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        expected = self._checkpoint_state(0)
-        for key in ("concepts", "options"):
-            if state[key] != expected[key]:
-                raise AttenCraftError(f"{path} belongs to another run ({key}: {state[key]} vs {expected[key]}). "
+        tensors, info = load_checkpoint(path)
+        for key, expected in self._signature().items():
+            if info.get(key) != expected:
+                raise AttenCraftError(f"{path} belongs to another run ({key}: {info.get(key)} vs {expected}). "
                                       "Use another --out folder, or the same settings.")
-        copy_lora_weights(self.comps.unet, state["lora"])
-        with torch.no_grad():
-            self.embedding[self.token_ids] = state["embeddings"].to(self.embedding)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.sampler.load_state(state["sampler"])
-        self.masks, self.scores = state["masks"], state["scores"]
+        try:
+            lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+            if set(lora) != set(lora_state_dict(self.comps.unet)):
+                raise KeyError("its LoRA layers differ from this model's")
+            embeddings = tensors["embeddings"]
+            if tuple(embeddings.shape) != (len(self.token_ids), self.embedding.shape[1]):
+                raise ValueError(f"embeddings of shape {tuple(embeddings.shape)}")
+            masks = tensors["masks"].bool()
+            if tuple(masks.shape) != tuple(self.masks.shape):
+                raise ValueError(f"masks of shape {tuple(masks.shape)}, expected {tuple(self.masks.shape)}")
+            copy_lora_weights(self.comps.unet, lora)
+            with torch.no_grad():
+                self.embedding[self.token_ids] = embeddings.to(self.embedding)
+            self.optimizer.load_state_dict(optimizer_from_flat(tensors, info["optimizer"]))
+            self.generator.set_state(tensors["generator"])
+            self.sampler.load_state(info["sampler"])
+            self.masks, self.scores = masks, tensors["scores"]
+            self.history, self.events, self.start_step = list(info["history"]), list(info["events"]), int(info["step"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise AttenCraftError(f"{path} does not fit this run ({exc}). Use another --out folder, or train "
+                                  "without --resume.") from exc
         self.sampler.set_scores(self.scores)
-        self.history, self.events = state["history"], state["events"]
-        self.start_step = state["step"]
         self.log(f"resumed from {path} at step {self.start_step}")
         return self.start_step
 
@@ -349,8 +367,11 @@ class Trainer:
                     self.refresh_masks(done)
                 if done % o.checkpoint_every == 0 or done == o.steps:
                     self.save_checkpoint(done)
+                ratios = self.sampler.ratios()
+                self.progress("training", done, o.steps, loss=f"{record['loss']:.4f}",
+                              ratios=",".join(f"{k}:{v:.2f}" for k, v in ratios.items()))
                 if self.callback:
-                    self.callback(done, o.steps, record, self.sampler.ratios())
+                    self.callback(done, o.steps, record, ratios)
         finally:
             self._hook.remove()
             self.embedding.requires_grad_(False)

@@ -12,7 +12,8 @@ from attencraft_core import AttenCraftError, parse_concepts
 from attencraft_core.cli import main
 from attencraft_core.concepts import add_concept_tokens
 from attencraft_core.images import load_image
-from attencraft_core.masks import MaskOptions, extract_masks, masks_from_latents
+from attencraft_core import mask_math
+from attencraft_core.masks import MaskOptions, MaskResult, extract_masks, masks_from_latents, upsample_masks
 from attencraft_core.model_loading import load_components
 from conftest import two_object_array
 
@@ -86,8 +87,15 @@ def test_cli_writes_masks_overlay_and_json(tiny_model_dir, scene_png, tmp_path, 
     assert first[10:20, 10:20].all() and not first[40:, 40:].any()  # blob 0 is top-left
     assert abs(first.mean() - float(blobs[0].float().mean())) < 0.05
     assert Image.open(out / "overlay.png").size == (64, 64)
-    printed = capsys.readouterr().out
-    assert "Loading model" in printed and "overlay:" in printed
+    printed = capsys.readouterr()
+    assert "overlay:" in printed.out and "confidence" in printed.out
+    assert all(c["confidence"]["level"] in ("high", "low") for c in summary["concepts"])
+    # progress of each long phase on stderr (tqdm: phase name, count, ETA); nothing of it with --quiet
+    assert "loading tiny_model" in printed.err and "masks: 100%" in printed.err and "3/3" in printed.err
+    code = main(["masks", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                 "--out", str(tmp_path / "quiet"), "--quiet"])
+    quiet = capsys.readouterr()
+    assert code == 0 and "masks:" not in quiet.err and "loading" not in quiet.err and "Loading" not in quiet.err
 
 
 def test_cli_help_documents_every_option(capsys):
@@ -150,3 +158,49 @@ def test_cli_reports_errors_without_traceback(tiny_model_dir, scene_png, tmp_pat
     code = main(["masks", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
                  "--out", str(tmp_path / "o"), "--t-min", "300", "--t-max", "100"])
     assert code == 2 and "Timestep range" in capsys.readouterr().err
+
+
+def constructed_result(maps, lowres, words=("cat", "dog")):
+    concepts = parse_concepts(list(words))
+    n = len(concepts)
+    return MaskResult(concepts, lowres, maps, maps, torch.ones(n), 0, torch.ones(n), [True] * n)
+
+
+def test_upsampled_masks_keep_a_region_the_finer_rule_loses():
+    """Concept 1 owns one attention pixel whose map is a narrow spike: interpolated, it never beats the
+    background by the margin, so the finer rule leaves it empty; its attention-resolution region is kept."""
+    maps = torch.zeros(3, 8, 8)
+    maps[0] = 0.6                        # background everywhere
+    maps[1, :, :4], maps[0, :, :4] = 1.0, 0.0  # concept 0: the left half, clearly
+    maps[2, 5, 6] = 0.75                 # concept 1: one pixel, 0.15 above the background there
+    lowres = torch.stack([maps[1] > 0.5, torch.zeros(8, 8, dtype=torch.bool)])
+    lowres[1, 5, 6] = True
+    result = constructed_result(maps, lowres)
+    masks = upsample_masks(result, (32, 32), threshold=0.1)
+    assert masks[1].any() and masks[1][20:24, 24:28].all() and int(masks[1].sum()) == 16
+    assert not (masks[0] & masks[1]).any() and masks[0][:, :16].all()
+    assert "attention-resolution region" in result.notes[0]
+    covered = constructed_result(maps, lowres)
+    covered.masks_lowres = torch.stack([torch.ones(8, 8, dtype=torch.bool), lowres[1]])
+    maps_all = maps.clone()
+    maps_all[1], maps_all[0] = 1.0, 0.0  # concept 0's finer mask takes every pixel
+    covered.maps = maps_all
+    with pytest.raises(AttenCraftError, match="'dog' vanishes at the image's size"):
+        upsample_masks(covered, (32, 32), threshold=0.1)
+
+
+def test_confidence_is_low_for_a_tiny_region_or_a_token_that_attends_elsewhere():
+    labels = torch.zeros(10, 10, dtype=torch.long)
+    labels[:, :5] = 1
+    labels[0, 9] = 2  # concept 1: one pixel of 100, under SMALL_REGION
+    attention = torch.stack([(labels == 1).float(), (labels == 2).float() * 0.9])
+    assignment = mask_math.assign_regions(labels, attention, ["cat", "dog"])
+    margins, strongest = mask_math.assignment_confidence(assignment)
+    assert strongest == [True, True] and torch.allclose(margins, torch.tensor([1.0, 0.9]))
+    masks = torch.stack([labels == 1, labels == 2])
+    result = constructed_result(torch.zeros(3, 10, 10), masks)
+    result.margins, result.strongest = margins, strongest
+    assert result.confidence(0)["level"] == "high" and result.confidence(1)["level"] == "low"
+    result.strongest = [False, True]
+    assert result.confidence(0)["level"] == "low"
+

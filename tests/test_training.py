@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from attencraft_core import AttenCraftError, parse_concepts
+from attencraft_core.checkpoint import load_checkpoint, save_checkpoint
 from attencraft_core.cli import main
 from attencraft_core.concept_file import ConceptSet, embedding_key
 from attencraft_core.generation import class_images, generate
@@ -82,7 +84,7 @@ def test_outputs_and_file_formats(tiny, tmp_path):
     files = result.files
     for key in ("concepts", "lora_kohya", "<c0>", "<c1>", "loss_curve", "log", "mask_0", "mask_1"):
         assert files[key].is_file(), key
-    assert (tmp_path / "checkpoint.pt").is_file()
+    assert (tmp_path / "checkpoint.safetensors").is_file()
     kohya = load_file(files["lora_kohya"])
     downs = [k for k in kohya if k.endswith(".lora_down.weight")]
     assert downs and all(k.startswith("lora_unet_") for k in kohya)
@@ -175,16 +177,55 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert [h["step"] for h in result.history] == list(range(1, 7))
 
 
+class PlantedPickle:
+    """Unpickling this runs `touch <marker>`: what a crafted checkpoint in a shared run folder would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("file_name", ["checkpoint.pt", "checkpoint.safetensors"])
+def test_resume_never_unpickles_a_planted_checkpoint(tiny, tmp_path, file_name):
+    marker = tmp_path / "code_ran"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"step": PlantedPickle(marker)}, run / file_name)
+    trainer = make_trainer(tiny, run)
+    with pytest.raises(AttenCraftError, match="checkpoint") as caught:
+        trainer.resume()
+    assert not marker.exists(), "the planted pickle ran"
+    assert "without --resume" in str(caught.value) or "new folder" in str(caught.value)
+
+
+def test_resume_refuses_a_diverged_or_truncated_checkpoint(tmp_path):
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=2).run("r")
+    path = tmp_path / "checkpoint.safetensors"
+    tensors, info = load_checkpoint(path)
+    good = path.read_bytes()
+    lora_key = next(k for k in tensors if k.startswith("lora."))
+    tensors[lora_key] = torch.full_like(tensors[lora_key], float("nan"))
+    save_checkpoint(path, tensors, info)
+    with pytest.raises(AttenCraftError, match=f"non-finite values in {re.escape(lora_key)}"):
+        make_trainer(build_tiny_components(seed=0), tmp_path).resume()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(AttenCraftError, match="not a readable AttenCraft checkpoint"):
+        make_trainer(build_tiny_components(seed=0), tmp_path).resume()
+
+
 def test_interruption_keeps_earlier_outputs_intact(tiny, tmp_path):
     make_trainer(tiny, tmp_path).run("keep")
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "checkpoint.pt"}
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "checkpoint.safetensors"}
 
     def boom(step, steps, record, ratios):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         make_trainer(build_tiny_components(seed=1), tmp_path, callback=boom, steps=3, checkpoint_every=1).run("keep")
-    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "checkpoint.pt"}
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "checkpoint.safetensors"}
     assert after == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -375,10 +416,12 @@ def test_train_and_generate_commands(tiny_model_dir, scene_png, tmp_path, capsys
                  "--class-images", str(cls), "--name", "duo"])
     assert code == 0
     assert (out / "duo.safetensors").is_file() and (out / "duo_loss.png").is_file()
+    assert re.search(r"training: 100%.*3/3.*loss=", capsys.readouterr().err)  # bar with rate/ETA and the loss
     image = tmp_path / "gen.png"
     code = main(["generate", "--model", str(tiny_model_dir), "--concepts", str(out / "duo.safetensors"),
                  "--prompt", "a photo of <c0> on the beach", "--out", str(image), "--steps", "2"])
     assert code == 0 and Image.open(image).size == (64, 64)
+    assert "generating: 100%" in capsys.readouterr().err
     weaker = tmp_path / "weaker.png"
     code = main(["generate", "--model", str(tiny_model_dir), "--concepts", str(out / "duo.safetensors"),
                  "--prompt", "a photo of <c0> on the beach", "--out", str(weaker), "--steps", "2", "--strength", "0"])

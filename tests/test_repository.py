@@ -6,11 +6,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ci_runs_exactly_the_readme_test_command():
-    ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-    command = ci_lines[-1].strip()
-    assert command.startswith("python -m pytest")
-    assert command in (ROOT / "README.md").read_text()
+def readme_block(marker: str) -> str:
+    """The shell text of README's code block that starts with the comment `marker`, continuations joined."""
+    text = (ROOT / "README.md").read_text()
+    return text.split(marker, 1)[1].split("```", 1)[0].split("\n", 1)[1].replace("\\\n", " ")
+
+
+def test_ci_runs_readme_commands_in_order_in_a_fresh_venv():
+    """CI proves that README's second command works right after the first: its lines are README's own."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    first = " ".join(readme_block("# 1. the main job").split())
+    install = first.split(". .venv/bin/activate && ", 1)[1].split(" && python -m attencraft_core", 1)[0]
+    second = readme_block("# 2. the tests").strip()
+    assert "python3 -m venv .venv" in ci and ". .venv/bin/activate" in ci
+    assert ci.index(install) < ci.index(second) == len(ci) - 1
+    assert "pytest" in (ROOT / "requirements-dev.txt").read_text()
+    assert "pytest" not in (ROOT / "requirements.txt").read_text()  # so the second command must install it
 
 
 def test_core_never_imports_comfyui():
@@ -31,8 +42,7 @@ def test_readme_main_job_runs(tmp_path, monkeypatch):
 
     from attencraft_core.cli import main
 
-    text = (ROOT / "README.md").read_text()
-    block = text.split("# 1. the main job", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    block = readme_block("# 1. the main job")
     commands = [c.strip() for c in re.split(r"&&", block) if "python -m attencraft_core" in c]
     assert [shlex.split(c)[3] for c in commands] == ["demo"]
     monkeypatch.chdir(tmp_path)

@@ -46,14 +46,19 @@ def attention_loss(cross: torch.Tensor, token_idx: list[int], cross_hw: tuple[in
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
-    """Structural similarity of two single-channel images [h, w] in [0, 1] (uniform window, as scikit-image)."""
+    """Mean structural similarity of two single-channel images [h, w] in [0, 1], defined as scikit-image's
+    `structural_similarity(a, b, data_range=1)` (the paper's reference code): a uniform 7x7 window, sample
+    covariances (N / (N - 1)), K1 = 0.01, K2 = 0.03, averaged over the positions where the window fits
+    (scikit-image crops the border). An image smaller than the window uses the largest odd window that fits."""
     x, y = a.float()[None, None], b.float()[None, None]
     window = min(window, *x.shape[-2:])
     window -= 1 - window % 2  # odd
-    pad = window // 2
-    mean = lambda t: F.avg_pool2d(F.pad(t, (pad,) * 4, mode="replicate"), window, stride=1)  # noqa: E731
+    mean = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731  (valid positions only)
+    n = window * window
+    cov_norm = n / (n - 1) if n > 1 else 1.0
     mx, my = mean(x), mean(y)
-    vx, vy, cxy = mean(x * x) - mx ** 2, mean(y * y) - my ** 2, mean(x * y) - mx * my
+    vx, vy = cov_norm * (mean(x * x) - mx ** 2), cov_norm * (mean(y * y) - my ** 2)
+    cxy = cov_norm * (mean(x * y) - mx * my)
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return float(s.mean())

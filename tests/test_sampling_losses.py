@@ -131,3 +131,19 @@ def test_masked_loss_ignores_pixels_outside_the_mask():
     assert float(masked_diffusion_loss(pred, target, 1 - top)) == pytest.approx(0.5)
     assert float(masked_diffusion_loss(pred, target, top, unmasked_term=True)) == pytest.approx(0.25)
     assert float(masked_diffusion_loss(pred, target, None)) == pytest.approx(0.5)
+
+
+def test_ssim_matches_scikit_image():
+    """The refresh gate uses the reference code's SSIM: scikit-image's structural_similarity, data range 1."""
+    from skimage.metrics import structural_similarity
+
+    gen = torch.Generator().manual_seed(0)
+    for size in (16, 32, 13):
+        a = torch.zeros(size, size, dtype=torch.bool)
+        a[2:9, 3:11] = True
+        b = torch.roll(a, shifts=(1, 2), dims=(0, 1))
+        noisy = torch.rand(size, size, generator=gen) > 0.7
+        for x, y in ((a, b), (a, noisy), (a, a), (a.float() * 0.5, b.float())):
+            expected = structural_similarity(x.float().numpy(), y.float().numpy(), data_range=1.0)
+            assert ssim(x, y) == pytest.approx(expected, abs=1e-5), (size, expected)
+

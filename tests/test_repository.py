@@ -1,4 +1,4 @@
-"""Promises the repository makes: CI runs README's test command; the core never imports ComfyUI."""
+"""Promises the repository makes: CI runs README's two commands; the core never imports ComfyUI."""
 
 import ast
 from pathlib import Path
@@ -7,9 +7,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_block(marker: str) -> str:
-    """The shell text of README's code block that starts with the comment `marker`, continuations joined."""
-    text = (ROOT / "README.md").read_text()
-    return text.split(marker, 1)[1].split("```", 1)[0].split("\n", 1)[1].replace("\\\n", " ")
+    """The shell text of README's code block that starts with the comment `marker`: its command lines (no
+    comments), continuations joined."""
+    block = (ROOT / "README.md").read_text().split(marker, 1)[1].split("```", 1)[0]
+    lines = [line for line in block.splitlines()[1:] if not line.lstrip().startswith("#")]
+    return "\n".join(lines).replace("\\\n", " ")
 
 
 def test_ci_runs_readme_commands_in_order_in_a_fresh_venv():
@@ -17,7 +19,7 @@ def test_ci_runs_readme_commands_in_order_in_a_fresh_venv():
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     first = " ".join(readme_block("# 1. the main job").split())
     install = first.split(". .venv/bin/activate && ", 1)[1].split(" && python -m attencraft_core", 1)[0]
-    second = readme_block("# 2. the tests").strip()
+    second = readme_block("# 2. lint and tests").strip()
     assert "python3 -m venv .venv" in ci and ". .venv/bin/activate" in ci
     assert ci.index(install) < ci.index(second) == len(ci) - 1
     assert "pytest" in (ROOT / "requirements-dev.txt").read_text()

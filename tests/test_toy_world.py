@@ -3,7 +3,6 @@
 import random
 
 import numpy as np
-import pytest
 
 from attencraft_core.toy.evaluate import context_object, evaluation_prompts, judge_generations, judge_joint_image
 from attencraft_core.toy.judge import analyse

@@ -5,7 +5,8 @@ import torch
 
 from comfy_support import add_comfy_to_path, build_sd15_checkpoint, comfy_dir, load_pack
 
-pytestmark = pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ from attencraft_core.checkpoint import load_checkpoint
 from comfy_support import ROOT, ComfyServer, build_sd15_checkpoint, comfy_dir
 from conftest import two_object_array
 
-pytestmark = pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")]
 
 spec = importlib.util.spec_from_file_location("run_workflow", ROOT / "scripts" / "run_workflow.py")
 client = importlib.util.module_from_spec(spec)

@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,7 @@ def test_core_never_imports_comfyui():
                            for n in names), f"{path} imports ComfyUI"
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs(tmp_path, monkeypatch):
     """README's first command (after the install) runs as written, in a scratch folder."""
     import json

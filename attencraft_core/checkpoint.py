@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import AttenCraftError
-from .outputs import atomic_write
+from .outputs import atomic_write, remove_stale_temporaries
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"
@@ -52,6 +52,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], info: di
     metadata = {"format": FORMAT, "info": json.dumps(info, allow_nan=False)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     try:
+        remove_stale_temporaries(path)  # left by a run killed while writing its checkpoint
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     except OSError as exc:
         raise AttenCraftError(f"Could not write the checkpoint {path} ({exc.strerror or exc}); the previous "

@@ -147,9 +147,10 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from .concept_file import ConceptSet
-    from .generation import generate
+    from .generation import check_settings, generate
     from .outputs import ensure_out_dir, save_image
 
+    check_settings(args.count, args.seed, args.steps, args.cfg, args.resolution, args.strength)
     concept_set = ConceptSet.load(args.concepts)
     concept_set.check_prompt(args.prompt)
     out = Path(args.out)

@@ -13,6 +13,7 @@ from .concepts import Concept, add_concept_tokens
 from .errors import AttenCraftError
 from .lora import load_lora_state_dict, set_lora_strength, to_kohya
 from .outputs import atomic_write
+from .validation import require_number
 
 FORMAT = "attencraft-concepts/1"
 PLACEHOLDER_RE = re.compile(r"<c\d+>")
@@ -110,6 +111,7 @@ class ConceptSet:
     def apply(self, comps, strength: float = 1.0) -> None:
         """Add the placeholder tokens with their learned embeddings and load the LoRA into the components, its
         weight change scaled by `strength` (the embeddings stay as learned, like ComfyUI's strength on the MODEL)."""
+        require_number("LoRA strength", strength, -10, 10)
         self.check_model(comps)
         ids = add_concept_tokens(comps.tokenizer, comps.text_encoder, self.concepts)
         with torch.no_grad():

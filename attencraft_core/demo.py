@@ -13,6 +13,7 @@ from .concepts import parse_concepts
 from .errors import AttenCraftError
 from .outputs import ensure_out_dir, save_image, write_json
 from .progress import Progress, no_progress
+from .validation import require_number, require_seed
 
 EXAMPLE_SCENE = Path(__file__).resolve().parents[1] / "examples" / "toy_scene.json"
 
@@ -50,6 +51,10 @@ def run_demo(out_dir, model_dir=None, image_path=None, concepts: str | None = No
     from .generation import generate
     from .training import Trainer, TrainOptions
 
+    if steps is not None:
+        require_number("Training steps", steps, 1, None, integer=True)
+    require_number("Images per prompt", images_per_prompt, 1, 100, integer=True)
+    require_seed("Seed", seed)
     started = time.perf_counter()
     out = ensure_out_dir(out_dir)
     toy = image_path is None  # the bundled toy scene, on the shipped toy model unless --model names another

@@ -9,9 +9,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .errors import AttenCraftError
 from .model_loading import SDComponents
 from .outputs import save_image
 from .progress import Progress, no_progress
+from .validation import require_number, require_seed
 
 
 def make_pipeline(comps: SDComponents):
@@ -26,6 +28,21 @@ def make_pipeline(comps: SDComponents):
     return pipe
 
 
+def check_settings(count: int, seed: int, steps: int, cfg: float, resolution: int | None = None,
+                   strength: float = 1.0) -> None:
+    """Refuse generation settings out of range (before any model is loaded), one clear error each."""
+    require_number("Image count", count, 1, 10_000, integer=True)
+    require_number("Sampling steps", steps, 1, 1000, integer=True)
+    require_number("Guidance scale (cfg)", cfg, 0, 100)
+    require_number("LoRA strength", strength, -10, 10)
+    require_seed("Seed", seed)
+    require_seed("Last seed (seed + count - 1)", seed + count - 1)
+    if resolution is not None:
+        require_number("Resolution", resolution, 8, 8192, integer=True)
+        if resolution % 8:
+            raise AttenCraftError(f"Resolution must be a multiple of 8, got {resolution}.")
+
+
 def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int = 30, cfg: float = 7.5,
              negative_prompt: str = "", resolution: int | None = None,
              progress: Progress = no_progress) -> list[Image.Image]:
@@ -33,6 +50,7 @@ def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int 
     `progress` is told ("generating", sampling steps done, len(prompts) x steps)."""
     from .concepts import tokenize_prompt
 
+    check_settings(len(prompts), seed, steps, cfg, resolution)
     for prompt in prompts:
         tokenize_prompt(comps.tokenizer, prompt)  # readable error for over-long prompts
     size = resolution or comps.native_resolution

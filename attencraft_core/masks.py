@@ -16,6 +16,7 @@ from .errors import AttenCraftError
 from .images import image_to_tensor
 from .model_loading import SDComponents
 from .progress import Progress, no_progress
+from .validation import require_number, require_seed
 
 
 @dataclass
@@ -31,7 +32,18 @@ class MaskOptions:
     self_factor: int = 2
     resolution: int | None = None  # square side the image is resized to; None = the model's own
 
+    def check_numbers(self) -> None:
+        """Every setting a finite number in its range (what can be checked without the model)."""
+        require_seed("Mask setting seed", self.seed)
+        for name in ("t_min", "t_max", "affinity_power", "cross_factor", "self_factor"):
+            require_number(f"Mask setting {name}", getattr(self, name), 1 if name.endswith(("power", "factor")) else 0,
+                           None, integer=True)
+        require_number("Mask setting threshold", self.threshold, 0, 1)
+        if self.resolution is not None:
+            require_number("Mask setting resolution", self.resolution, 8, 8192, integer=True)
+
     def check(self, num_train_timesteps: int) -> None:
+        self.check_numbers()
         if not 0 <= self.t_min < self.t_max <= num_train_timesteps:
             raise AttenCraftError(
                 f"Timestep range [{self.t_min}, {self.t_max}) is invalid: need 0 <= min < max <= "

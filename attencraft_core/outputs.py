@@ -29,18 +29,40 @@ def ensure_out_dir(path: str | Path) -> Path:
     return out
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (other threads may be writing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write) -> Path:
-    """Call write(tmp_path) then rename onto `path`: readers never see a half-written file."""
+    """Call write(tmp_path) then rename onto `path`: readers never see a half-written file. The file gets the
+    permissions a plain open() would give it (0666 less the umask), not the temporary file's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Delete temporary files that an interrupted atomic_write of `path` left behind (a kill -9 mid-write)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from .model_loading import SDComponents
 from .outputs import ensure_out_dir, write_json
 from .progress import Progress, no_progress
 from .sampling import ConceptSampler
+from .validation import require_number, require_seed
 
 @dataclass
 class TrainOptions:
@@ -63,15 +65,28 @@ class TrainOptions:
     resolution: int | None = None
     masks: MaskOptions = field(default_factory=MaskOptions)
 
+    # name: (low, high, low bound excluded, whole number); None values (defaults taken from elsewhere) are skipped
+    RANGES: ClassVar[dict] = {
+        "steps": (1, None, False, True), "lr": (0, None, True, False), "embedding_lr": (0, None, True, False),
+        "weight_decay": (0, None, False, False), "max_grad_norm": (0, None, True, False),
+        "rank": (1, 1024, False, True), "alpha": (0, None, True, False), "all_share": (0, 1, True, False),
+        "loss_mask_margin": (0, None, False, True), "attention_weight": (0, None, False, False),
+        "prior_weight": (0, None, False, False), "num_class_images": (0, 10_000, False, True),
+        "class_steps": (1, 1000, False, True), "refresh_every": (0, None, False, True),
+        "ssim_min": (-1, 1, False, False), "checkpoint_every": (1, None, False, True),
+        "phase1_steps": (1, None, False, True), "phase1_lr": (0, None, True, False),
+        "resolution": (8, 8192, False, True)}
+
     def check(self, native_resolution: int | None = None) -> None:
         """Refuse inconsistent settings; `native_resolution` is the model's (what an unset resolution means)."""
-        if self.steps < 1:
-            raise AttenCraftError(f"Steps must be at least 1, got {self.steps}.")
-        if self.loss_mask_margin < 0:
-            raise AttenCraftError(f"The loss mask margin is a number of latent pixels (0 or more), got "
-                                  f"{self.loss_mask_margin}.")
-        if self.lr <= 0:
-            raise AttenCraftError(f"Learning rate must be positive, got {self.lr}.")
+        for name, (low, high, low_open, integer) in self.RANGES.items():
+            value = getattr(self, name)
+            if value is not None:
+                require_number(f"Training setting {name}", value, low, high, low_open, integer)
+        require_seed("Training setting seed", self.seed)
+        if self.resolution is not None and self.resolution % 8:
+            raise AttenCraftError(f"Training setting resolution must be a multiple of 8, got {self.resolution}.")
+        self.masks.check_numbers()
         if self.two_phase and not 0 < self.phase1_steps < self.steps:
             raise AttenCraftError(f"With two phases, phase-1 steps ({self.phase1_steps}) must be between 1 and "
                                   f"steps - 1 ({self.steps - 1}).")

@@ -2,7 +2,9 @@
 
 import copy
 import json
+import os
 import re
+import stat
 from dataclasses import replace
 
 import numpy as np
@@ -240,6 +242,22 @@ def test_a_failing_write_leaves_the_old_file(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(target, failing)
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = atomic_write(tmp_path / "f.bin", lambda tmp: tmp.write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # not mkstemp's 0600
+
+
+def test_a_later_checkpoint_removes_what_a_killed_write_left(tmp_path):
+    stale = tmp_path / ".checkpoint.safetensors.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=1).run("r")
+    assert not stale.exists() and (tmp_path / "checkpoint.safetensors").is_file()
 
 
 def test_two_phase_trains_embeddings_first(tiny, tmp_path):

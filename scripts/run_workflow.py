@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import mimetypes
+import re
 import sys
 import time
 import urllib.error
@@ -51,8 +52,30 @@ def _explain_http_error(code: int, body: str) -> str:
     return "\n".join(lines)
 
 
+def parse_answer(raw: bytes, what: str, expect: type = dict):
+    """ComfyUI's answer as JSON of the expected type, or one readable error naming the request."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        start = raw[:80].decode(errors="replace").strip()
+        raise ClientError(f"ComfyUI's answer to {what} is not JSON (it starts {start!r}). Is --server a ComfyUI "
+                          "server?") from None
+    if not isinstance(data, expect):
+        raise ClientError(f"ComfyUI's answer to {what} is a JSON {type(data).__name__}, not a "
+                          f"{expect.__name__}: this client does not understand this server version.")
+    return data
+
+
+def field(data: dict, key: str, kind: type, what: str):
+    """data[key], which must be of type `kind`; else one readable error."""
+    value = data.get(key)
+    if not isinstance(value, kind):
+        raise ClientError(f"ComfyUI's answer to {what} has no {kind.__name__} {key!r} (got {value!r:.80}).")
+    return value
+
+
 def get_json(server: str, path: str):
-    return json.loads(_request(server, path))
+    return parse_answer(_request(server, path), f"GET {path}")
 
 
 def upload_image(server: str, path: str | Path) -> str:
@@ -65,9 +88,13 @@ def upload_image(server: str, path: str | Path) -> str:
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{path.name}\"\r\n"
             f"Content-Type: {mime}\r\n\r\n").encode() + path.read_bytes() + \
         f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\ntrue\r\n--{boundary}--\r\n".encode()
-    answer = json.loads(_request(server, "/upload/image", body,
-                                 {"Content-Type": f"multipart/form-data; boundary={boundary}"}))
-    return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
+    answer = parse_answer(_request(server, "/upload/image", body,
+                                   {"Content-Type": f"multipart/form-data; boundary={boundary}"}), "the upload")
+    name = field(answer, "name", str, "the upload")
+    subfolder = answer.get("subfolder") or ""
+    if not isinstance(subfolder, str):
+        raise ClientError(f"ComfyUI's answer to the upload has a subfolder that is not text: {subfolder!r:.80}")
+    return f"{subfolder}/{name}" if subfolder else name
 
 
 def apply_overrides(workflow: dict, settings: list[str]) -> dict:
@@ -75,7 +102,7 @@ def apply_overrides(workflow: dict, settings: list[str]) -> dict:
     for item in settings:
         target, sep, raw = item.partition("=")
         node, dot, name = target.partition(".")
-        if not sep or not dot or node not in workflow:
+        if not sep or not dot or not name or node not in workflow:
             raise ClientError(f"--set {item!r}: use NODE_ID.INPUT=VALUE with a node id of this workflow "
                               f"({', '.join(workflow)}).")
         try:
@@ -88,8 +115,36 @@ def apply_overrides(workflow: dict, settings: list[str]) -> dict:
 
 def queue(server: str, workflow: dict, client_id: str) -> str:
     data = json.dumps({"prompt": workflow, "client_id": client_id}).encode()
-    answer = json.loads(_request(server, "/prompt", data, {"Content-Type": "application/json"}))
-    return answer["prompt_id"]
+    answer = parse_answer(_request(server, "/prompt", data, {"Content-Type": "application/json"}), "POST /prompt")
+    return field(answer, "prompt_id", str, "POST /prompt")
+
+
+def check_workflow(workflow, source: str) -> dict:
+    """An API-format workflow: {node id: {"class_type": str, "inputs": dict}}; else one readable error."""
+    if isinstance(workflow, dict) and "nodes" in workflow and "links" in workflow:
+        raise ClientError(f"{source} is a UI-format workflow; use the one in workflows/api/.")
+    if not isinstance(workflow, dict) or not workflow:
+        raise ClientError(f"{source} is not an API-format workflow (a JSON object of nodes).")
+    for node_id, node in workflow.items():
+        if not (isinstance(node, dict) and isinstance(node.get("class_type"), str)
+                and isinstance(node.get("inputs"), dict)):
+            raise ClientError(f"{source}: node {node_id!r} has no class_type and inputs; is this an API-format "
+                              "workflow?")
+    return workflow
+
+
+def read_event(message) -> tuple[str, dict] | None:
+    """(type, data) of a websocket message, None for anything else (binary previews, odd messages)."""
+    if not isinstance(message, str):
+        return None
+    try:
+        event = json.loads(message)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return None
+    data = event.get("data")
+    return event["type"], data if isinstance(data, dict) else {}
 
 
 def wait(server: str, prompt_id: str, client_id: str, workflow: dict, timeout: float = 3600,
@@ -103,33 +158,37 @@ def wait(server: str, prompt_id: str, client_id: str, workflow: dict, timeout: f
     deadline = time.time() + timeout
     ws = None
     if websocket is not None:
-        ws = websocket.WebSocket()
-        ws.connect(server.replace("http", "ws", 1).rstrip("/") + f"/ws?clientId={client_id}", timeout=10)
-        ws.settimeout(2)
+        try:
+            ws = websocket.WebSocket()
+            ws.connect(server.replace("http", "ws", 1).rstrip("/") + f"/ws?clientId={client_id}", timeout=10)
+            ws.settimeout(2)
+        except (OSError, websocket.WebSocketException) as exc:
+            show(f"(no live progress: the websocket did not open ({exc}); polling /history)")
+            ws = None
     try:
         while time.time() < deadline:
             if ws is not None:
                 try:
-                    message = ws.recv()
+                    event = read_event(ws.recv())
                 except websocket.WebSocketTimeoutException:
-                    message = None
-                if isinstance(message, str):
-                    event = json.loads(message)
-                    data = event.get("data", {})
+                    event = None
+                except (OSError, websocket.WebSocketException) as exc:
+                    show(f"(the websocket closed ({exc}); polling /history)")
+                    ws.close()
+                    ws, event = None, None
+                if event is not None:
+                    kind, data = event
                     if data.get("prompt_id") not in (None, prompt_id):
                         continue
-                    if event["type"] == "progress":
-                        node = data.get("node")
-                        kind = workflow.get(str(node), {}).get("class_type", "")
-                        show(f"[node {node} {kind}] {data['value']}/{data['max']}")
-                    elif event["type"] == "executing" and data.get("node"):
-                        node = data["node"]
-                        show(f"running node {node} ({workflow.get(str(node), {}).get('class_type', '')})")
-            history = get_json(server, f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error") or entry.get("outputs"):
-                    return entry
+                    node = data.get("node")
+                    node_type = workflow.get(str(node), {}).get("class_type", "")
+                    if kind == "progress" and isinstance(data.get("value"), int) and isinstance(data.get("max"), int):
+                        show(f"[node {node} {node_type}] {data['value']}/{data['max']}")
+                    elif kind == "executing" and node:
+                        show(f"running node {node} ({node_type})")
+            entry = finished_entry(get_json(server, f"/history/{prompt_id}"), prompt_id)
+            if entry is not None:
+                return entry
             if ws is None:
                 time.sleep(1)
         raise ClientError(f"The workflow did not finish within {timeout:.0f} s.")
@@ -138,12 +197,35 @@ def wait(server: str, prompt_id: str, client_id: str, workflow: dict, timeout: f
             ws.close()
 
 
+def finished_entry(history: dict, prompt_id: str) -> dict | None:
+    """The prompt's /history entry once it has finished, None while it runs; odd shapes are one readable error."""
+    entry = history.get(prompt_id)
+    if entry is None:
+        return None
+    what = f"GET /history/{prompt_id}"
+    if not isinstance(entry, dict):
+        raise ClientError(f"ComfyUI's answer to {what} is not an object for the prompt.")
+    status = entry.get("status") or {}
+    outputs = entry.get("outputs") or {}
+    if not isinstance(status, dict) or not isinstance(outputs, dict):
+        raise ClientError(f"ComfyUI's answer to {what} has a status or outputs of the wrong shape.")
+    if status.get("completed") is None:
+        return None
+    if status.get("status_str") in ("success", "error") or outputs:
+        return entry
+    return None
+
+
 def failure_message(entry: dict) -> str | None:
     """The readable error of a failed or interrupted run, None on success."""
     status = entry.get("status", {})
     if status.get("status_str") == "success":
         return None
-    for kind, data in status.get("messages", []):
+    messages = status.get("messages")
+    for message in messages if isinstance(messages, list) else []:
+        if not (isinstance(message, (list, tuple)) and len(message) == 2 and isinstance(message[1], dict)):
+            continue
+        kind, data = message
         if kind == "execution_error":
             return f"node {data.get('node_id')} ({data.get('node_type')}) failed: {data.get('exception_message')}"
         if kind == "execution_interrupted":
@@ -151,21 +233,46 @@ def failure_message(entry: dict) -> str | None:
     return f"the workflow ended with status {status.get('status_str')}"
 
 
+def output_path(out: Path, node_id: str, filename: str) -> Path:
+    """Where an output of `node_id` named by the server is saved: a plain name inside `out`, never elsewhere
+    (a server's file name may hold `../` or an absolute path)."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{node_id}_{Path(str(filename)).name}").lstrip(".") or "output"
+    target = (out / base[:200]).resolve()
+    if target.parent != out.resolve():
+        raise ClientError(f"Refusing to save the server's output {filename!r} outside {out}.")
+    return target
+
+
 def download_outputs(server: str, entry: dict, out_dir: str | Path) -> list[Path]:
+    """Save every image and text output of the entry in `out_dir` under sanitised names; returns the paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClientError(f"Cannot create the output folder {out} ({exc.strerror or exc}).") from exc
     saved = []
-    for node_id, outputs in entry.get("outputs", {}).items():
-        for image in outputs.get("images", []):
-            query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
-            target = out / f"{node_id}_{image['filename']}"
-            target.write_bytes(_request(server, f"/view?{query}"))
-            saved.append(target)
-        for text in outputs.get("text", []):
-            target = out / f"{node_id}_text.txt"
-            target.write_text(text if isinstance(text, str) else json.dumps(text))
-            saved.append(target)
+    outputs = entry.get("outputs") or {}
+    for node_id, produced in outputs.items() if isinstance(outputs, dict) else []:
+        if not isinstance(produced, dict):
+            continue
+        for image in produced.get("images") or []:
+            if not (isinstance(image, dict) and isinstance(image.get("filename"), str) and image["filename"]):
+                raise ClientError(f"ComfyUI listed an output image of node {node_id} without a file name.")
+            query = urllib.parse.urlencode({k: str(image.get(k, "")) for k in ("filename", "subfolder", "type")})
+            saved.append(write_output(output_path(out, node_id, image["filename"]),
+                                      _request(server, f"/view?{query}")))
+        for i, text in enumerate(produced.get("text") or []):
+            data = (text if isinstance(text, str) else json.dumps(text)).encode()
+            saved.append(write_output(output_path(out, node_id, f"text_{i}.txt" if i else "text.txt"), data))
     return saved
+
+
+def write_output(target: Path, data: bytes) -> Path:
+    try:
+        target.write_bytes(data)
+    except OSError as exc:
+        raise ClientError(f"Cannot write {target} ({exc.strerror or exc}).") from exc
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             workflow = json.loads(Path(args.workflow).read_text())
         except (OSError, ValueError) as exc:
             raise ClientError(f"Cannot read workflow {args.workflow}: {exc}") from exc
-        if "nodes" in workflow and "links" in workflow:
-            raise ClientError(f"{args.workflow} is a UI-format workflow; use the one in workflows/api/.")
+        check_workflow(workflow, args.workflow)
         if args.image:
             name = upload_image(args.server, args.image)
             for node in workflow.values():

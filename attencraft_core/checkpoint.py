@@ -51,12 +51,8 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], info: di
     """Write tensors + JSON-ready `info` atomically to `path` (a .safetensors file)."""
     metadata = {"format": FORMAT, "info": json.dumps(info, allow_nan=False)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    try:
-        remove_stale_temporaries(path)  # left by a run killed while writing its checkpoint
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    except OSError as exc:
-        raise AttenCraftError(f"Could not write the checkpoint {path} ({exc.strerror or exc}); the previous "
-                              "checkpoint, if any, is kept. Free disk space or choose another output folder.") from exc
+    remove_stale_temporaries(path)  # left by a run killed while writing its checkpoint
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -111,6 +111,9 @@ def cmd_train(args) -> int:
         user_masks = [load_image(p)[0].convert("L") for p in paths]
     class_imgs = None
     if args.class_images:
+        if not Path(args.class_images).is_dir():
+            raise AttenCraftError(f"--class-images {args.class_images} is not a folder: give a folder of PNG/JPEG/"
+                                  "WebP images, or leave it out to generate them.")
         files = sorted(p for p in Path(args.class_images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
         if not files:
             raise AttenCraftError(f"No PNG/JPEG/WebP images in --class-images {args.class_images}.")

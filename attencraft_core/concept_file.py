@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .concepts import Concept, add_concept_tokens
 from .errors import AttenCraftError
-from .lora import load_lora_state_dict, set_lora_strength, to_kohya
+from .lora import TARGETS, load_lora_state_dict, set_lora_strength, to_kohya
 from .outputs import atomic_write
 from .validation import require_number
 
@@ -24,9 +27,22 @@ def embedding_key(family: str) -> str:
     return {"sd1": "clip_l", "sd2": "clip_h"}.get(family, "emb_params")
 
 
-def _save_safetensors(path: Path, tensors: dict, metadata: dict) -> Path:
-    from safetensors.torch import save_file
+MAX_HEADER_BYTES = 16 * 2 ** 20  # a concept set's metadata is a few KB; a larger header is refused unread
 
+
+def check_header_size(path: Path) -> None:
+    """Refuse a safetensors file whose declared header is absurdly large, before reading it."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise AttenCraftError(f"{path.name} is too short to be a safetensors file ({len(head)} bytes).")
+    size = int.from_bytes(head, "little")
+    if size > MAX_HEADER_BYTES:
+        raise AttenCraftError(f"{path.name} declares a {size} byte header (at most {MAX_HEADER_BYTES} read): "
+                              "not a concept set.")
+
+
+def _save_safetensors(path: Path, tensors: dict, metadata: dict) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -66,31 +82,87 @@ class ConceptSet:
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptSet":
-        from safetensors import safe_open
-
+        """Read a concept set written by `save`, checking everything in it first (the file may come from
+        anyone): header size, metadata schema, tensor names, shapes, dtypes and finite values. Any problem is
+        one AttenCraftError naming the file and what is wrong; nothing in the file is executed."""
         path = Path(path)
         if not path.is_file():
             raise AttenCraftError(f"Concept file {str(path)!r} does not exist.")
+        check_header_size(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
+        except Exception as exc:  # safetensors raises several types for damaged files
             raise AttenCraftError(f"Cannot read {path} as a safetensors file: {exc}") from exc
         if meta.get("format") != FORMAT:
             raise AttenCraftError(
                 f"{path.name} is not an AttenCraft concept file (no '{FORMAT}' metadata). Pass the "
                 "<name>.safetensors that `train` wrote, not the kohya LoRA or an embedding.")
-        concepts = [Concept(c["word"], c["placeholder"]) for c in json.loads(meta["concepts"])]
+        return cls.from_parts(path.name, meta, tensors)
+
+    @classmethod
+    def from_parts(cls, name: str, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> "ConceptSet":
+        """A ConceptSet from a file's metadata and tensors, validated (see load)."""
+        def bad(problem: str) -> AttenCraftError:
+            return AttenCraftError(f"{name} is damaged or not a concept set this version can use: {problem}. "
+                                   "Train it again, or ask its author for the file `train` wrote.")
+
+        for key in ("concepts", "lora_rank", "lora_alpha", "lora_targets", "base_family"):
+            if key not in meta:
+                raise bad(f"its metadata has no {key!r}")
+        try:
+            entries = json.loads(meta["concepts"])
+            training = json.loads(meta.get("training", "{}"))
+        except ValueError as exc:
+            raise bad(f"its metadata is not valid JSON ({exc})") from exc
+        if (not isinstance(entries, list) or len(entries) < 1 or not isinstance(training, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("word"), str) and isinstance(e.get("placeholder"), str)
+                and PLACEHOLDER_RE.fullmatch(e["placeholder"]) for e in entries)):
+            raise bad("'concepts' must be a list of {word, placeholder <cN>} entries")
+        concepts = [Concept(e["word"], e["placeholder"]) for e in entries]
+        if len({c.placeholder for c in concepts}) != len(concepts):
+            raise bad("two concepts share a placeholder")
+        try:
+            rank, alpha = int(meta["lora_rank"]), float(meta["lora_alpha"])
+        except ValueError as exc:
+            raise bad(f"lora_rank / lora_alpha are not numbers ({exc})") from exc
+        if not 1 <= rank <= 1024 or not math.isfinite(alpha) or alpha <= 0:
+            raise bad(f"LoRA rank {rank} / alpha {alpha} out of range")
+        if meta["lora_targets"] not in TARGETS:
+            raise bad(f"unknown LoRA targets {meta['lora_targets']!r}")
+        for key, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise bad(f"{key} holds NaN or infinite values")
+        rows = []
+        for c in concepts:
+            row = tensors.get(f"embedding.{c.placeholder}")
+            if row is None or row.ndim != 1 or not row.is_floating_point():
+                raise bad(f"the embedding of {c.placeholder} is missing or not a vector")
+            rows.append(row.float())
+        if len({r.shape[0] for r in rows}) != 1:
+            raise bad("the concept embeddings differ in size")
+        lora = {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")}
+        if not lora:
+            raise bad("it holds no LoRA weights")
+        for key, value in lora.items():
+            if not key.endswith((".lora_A.weight", ".lora_B.weight")) or value.ndim != 2:
+                raise bad(f"LoRA tensor {key!r} is not a lora_A/lora_B matrix")
+            if (value.shape[0] if ".lora_A." in key else value.shape[1]) != rank:
+                raise bad(f"LoRA tensor {key!r} has shape {tuple(value.shape)}, not rank {rank}")
+            twin = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(".lora_B.", ".lora_A.")
+            if twin not in lora:
+                raise bad(f"LoRA tensor {key!r} has no {twin.rsplit('.', 2)[-2]} partner")
         masks = [tensors.get(f"mask.{c.placeholder}") for c in concepts]
-        return cls(
-            concepts=concepts,
-            embeddings=torch.stack([tensors[f"embedding.{c.placeholder}"] for c in concepts]),
-            lora={k[5:]: v for k, v in tensors.items() if k.startswith("lora.")},
-            rank=int(meta["lora_rank"]), alpha=float(meta["lora_alpha"]), targets=meta["lora_targets"],
-            family=meta["base_family"], base_model=meta.get("base_model", ""),
-            masks=torch.stack(masks).bool() if all(m is not None for m in masks) else None,
-            training=json.loads(meta.get("training", "{}")))
+        if all(m is not None for m in masks):
+            if len({tuple(m.shape) for m in masks}) != 1 or masks[0].ndim != 2:
+                raise bad("the stored masks differ in shape or are not 2-D")
+            mask_stack = torch.stack(masks).bool()
+        else:
+            mask_stack = None
+        return cls(concepts=concepts, embeddings=torch.stack(rows), lora=lora, rank=rank, alpha=alpha,
+                   targets=meta["lora_targets"], family=meta["base_family"], base_model=meta.get("base_model", ""),
+                   masks=mask_stack, training=training)
 
     def check_model(self, comps) -> None:
         """Refuse a model of another family (its LoRA and embeddings would not fit)."""

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import AttenCraftError
+
 
 def default_device() -> torch.device:
     """The current accelerator torch reports (CUDA, ROCm, XPU, MPS...), else the CPU."""
@@ -18,10 +20,35 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None` or "auto" picks the default device; anything else is passed to torch.device."""
+    """`None` or "auto" picks the default device; anything else must name a device this machine has."""
     if device is None or device == "auto":
         return default_device()
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise AttenCraftError(f"{str(device)!r} is not a device name ({exc}). Use auto, cpu, or e.g. "
+                              f"{default_device().type}:0.") from exc
+    if resolved.type != "cpu":
+        module = getattr(torch, resolved.type, None)
+        available = module is not None and hasattr(module, "is_available") and module.is_available()
+        count = module.device_count() if available and hasattr(module, "device_count") else 0
+        if not available or (resolved.index is not None and resolved.index >= count):
+            raise AttenCraftError(f"Device {str(device)!r} is not available on this machine (the default here "
+                                  f"is {default_device()}). Use auto or cpu.")
+    return resolved
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` now (CUDA-style accelerators and the CPU on Linux); None where torch cannot tell."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    module = getattr(torch, device.type, None)
+    if module is not None and hasattr(module, "mem_get_info"):
+        return int(module.mem_get_info(device)[0])
+    return None
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -33,7 +60,6 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}
         if name not in table:
-            from .errors import AttenCraftError
             raise AttenCraftError(f"Unknown precision {name!r}: use fp32, bf16 or fp16.")
         dtype = table[name]
     if device.type == "cpu" and dtype != torch.float32:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from .errors import AttenCraftError
 from .model_loading import SDComponents
-from .outputs import save_image
+from .outputs import atomic_write, ensure_out_dir, save_image
 from .progress import Progress, no_progress
 from .validation import require_number, require_seed
 
@@ -91,9 +91,8 @@ def class_images(comps: SDComponents, prompt: str, count: int, resolution: int, 
     """`count` base-model images of `prompt`, generated once and cached on disk by model, prompt and size;
     `progress` is told ("class images", images ready, count)."""
     key = hashlib.sha256(f"{model_fingerprint(comps)}|{prompt}|{resolution}|{steps}".encode()).hexdigest()[:16]
-    folder = Path(cache_dir or default_cache_dir()) / "class_images" / key
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompt.txt").write_text(prompt)
+    folder = ensure_out_dir(Path(cache_dir or default_cache_dir()) / "class_images" / key)
+    atomic_write(folder / "prompt.txt", lambda tmp: tmp.write_text(prompt))
     images = []
     progress("class images", 0, count)
     for i in range(count):

@@ -2,29 +2,55 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import AttenCraftError
 
 MIN_IMAGE_SIDE = 64
+EXIF_ORIENTATION = 0x0112
+MAX_IMAGE_SIDE = 8192  # larger images are refused before they are decoded (a decompression bomb is never expanded)
 
 
 def load_image(path: str | Path) -> tuple[Image.Image, list[str]]:
-    """Open an image as RGB. Returns the image and notes (e.g. that an RGBA image was converted)."""
+    """Open an image as RGB, turned upright by its EXIF orientation (as ComfyUI's Load Image does). Returns the
+    image and notes (e.g. that an RGBA image was converted). Sizes are checked from the header before decoding."""
+    path = Path(path)
+    if not path.is_file():
+        raise AttenCraftError(f"Image {str(path)!r} does not exist{' (it is a folder)' if path.is_dir() else ''}.")
     try:
-        with Image.open(path) as img:
-            img.load()
-            image = img.copy()
-    except FileNotFoundError as exc:
-        raise AttenCraftError(f"Image {str(path)!r} does not exist.") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                check_image_size(img.size, path.name)
+                img.load()
+                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+                image = ImageOps.exif_transpose(img)
+    except AttenCraftError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise AttenCraftError(f"{path.name} declares more pixels than AttenCraft reads ({exc}); use an image "
+                              f"of at most {MAX_IMAGE_SIDE} px on each side.") from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise AttenCraftError(
             f"Cannot read {str(path)!r} as an image ({exc}). Use a PNG, JPEG or WebP file.") from exc
-    return ensure_rgb(image, name=Path(path).name)
+    except Exception as exc:  # a malformed file can make a Pillow decoder fail in other ways
+        raise AttenCraftError(f"{str(path)!r} is a damaged or malformed image ({type(exc).__name__}: {exc}). "
+                              "Re-save it as PNG or JPEG.") from exc
+    notes = [f"{path.name} was turned upright by its EXIF orientation ({orientation})."] if orientation != 1 else []
+    image, more = ensure_rgb(image, name=path.name)
+    return image, notes + more
+
+
+def check_image_size(size: tuple[int, int], name: str) -> None:
+    """Refuse an image larger than MAX_IMAGE_SIDE on a side, before it is decoded."""
+    if max(size) > MAX_IMAGE_SIDE:
+        raise AttenCraftError(f"{name} is {size[0]}x{size[1]} px; AttenCraft reads images of at most "
+                              f"{MAX_IMAGE_SIDE} px on each side. Scale it down first.")
 
 
 def ensure_rgb(image: Image.Image, name: str = "the image") -> tuple[Image.Image, list[str]]:

@@ -26,6 +26,13 @@ def add_lora(unet, rank: int = 16, alpha: float | None = None, targets: str = "k
         raise AttenCraftError(f"Unknown LoRA targets {targets!r}: use one of {', '.join(TARGETS)}.")
     if rank < 1:
         raise AttenCraftError(f"LoRA rank must be at least 1, got {rank}.")
+    pattern = re.compile(TARGETS[targets])
+    widths = [min(m.in_features, m.out_features) for n, m in unet.named_modules()
+              if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)]
+    if widths and rank > min(widths):
+        raise AttenCraftError(f"LoRA rank {rank} is larger than the narrowest layer it adapts ({min(widths)} "
+                              f"features): a rank above that adds nothing but memory. Use {min(widths)} or less "
+                              "(16 is the default).")
     config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank),
                         target_modules=TARGETS[targets], init_lora_weights=True)
     with torch.random.fork_rng(devices=[]):

@@ -11,6 +11,7 @@ from PIL import Image
 from . import mask_math
 from .attention import AttentionStore, capture_attention, map_side
 from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positions
+from .devices import free_memory
 from .encoding import encode_images, encode_prompts
 from .errors import AttenCraftError
 from .images import image_to_tensor
@@ -98,6 +99,19 @@ def sample_timestep_and_noise(shape, opts: MaskOptions, generator: torch.Generat
     return t, torch.randn(shape, generator=generator)
 
 
+def check_affinity_memory(latent_hw, opts: MaskOptions, device: torch.device) -> None:
+    """Refuse, before allocating, a resolution whose self-attention affinity (Q x Q at latent/self_factor, a few
+    copies for the matrix power) would not fit in the device's free memory."""
+    queries = (latent_hw[0] // opts.self_factor) * (latent_hw[1] // opts.self_factor)
+    need = 4 * queries * queries * 4  # float32, about four Q x Q matrices at once
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise AttenCraftError(
+            f"Mask extraction at this resolution needs about {need / 2 ** 30:.1f} GiB for the {queries}x{queries} "
+            f"self-attention affinity, and {device} has {free / 2 ** 30:.1f} GiB free. Use a smaller resolution "
+            "(the model's own is best) or a larger self-attention factor.")
+
+
 def concept_attention(comps: SDComponents, latents: torch.Tensor, concepts: list[Concept], opts: MaskOptions,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One UNet pass with the all-concepts prompt on noised latents [1, C, h, w].
@@ -109,6 +123,7 @@ def concept_attention(comps: SDComponents, latents: torch.Tensor, concepts: list
     placeholders = [c.placeholder for c in concepts]
     prompt = concepts_prompt(placeholders)
     positions = token_positions(comps.tokenizer, prompt, placeholders)
+    check_affinity_memory(latents.shape[-2:], opts, comps.device)
     t, noise = sample_timestep_and_noise(latents.shape, opts, generator)
     timesteps = torch.tensor([t], device=comps.device)
     noisy = comps.noise_scheduler.add_noise(latents, noise.to(latents), timesteps)

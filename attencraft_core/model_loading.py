@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +96,46 @@ def check_model_dir(model_dir: str | Path) -> Path:
     unet_cfg = root / "unet" / "config.json"
     if not unet_cfg.is_file():
         raise AttenCraftError(f"{unet_cfg} is missing: the unet folder is incomplete.")
-    cls = _read_json(unet_cfg).get("_class_name")
+    unet_config = _read_json(unet_cfg)
+    cls = unet_config.get("_class_name")
     if cls != "UNet2DConditionModel":
         raise AttenCraftError(
             f"{root}/unet is a {cls}, not a UNet2DConditionModel: not a Stable Diffusion 1.x/2.x style model.")
+    if unet_config.get("addition_embed_type") == "text_time":
+        raise AttenCraftError(f"{root}/unet is an SDXL UNet (size and crop conditioning); only SD 1.x/2.x style "
+                              "models are supported so far.")
     return root
+
+
+def check_loaded_weights(name: str, folder: Path, module: torch.nn.Module) -> None:
+    """Refuse weights that did not load (a damaged or swapped file leaves tensors on the meta device) or that
+    hold NaN or infinite values."""
+    missing = [n for n, p in module.named_parameters() if p.is_meta]
+    if missing:
+        raise AttenCraftError(f"{folder}: {len(missing)} {name} weights are missing from its weight file (e.g. "
+                              f"{missing[0]}); the file does not belong to this config.json (damaged or swapped). "
+                              "Re-copy the model.")
+    for param_name, param in module.named_parameters():
+        if not torch.isfinite(param).all():
+            raise AttenCraftError(f"{folder}: the {name} weight {param_name} holds NaN or infinite values; the "
+                                  "model file is damaged. Re-copy or re-export the model.")
+
+
+@contextmanager
+def quiet_library_logs():
+    """diffusers/transformers list every unexpected key of a mismatched file (thousands of lines); our own
+    check_loaded_weights says it in one line instead."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
 
 
 def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
@@ -122,9 +158,12 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
     progress(phase, 0, len(loaders))
     for i, (name, load) in enumerate(loaders.items(), 1):
         try:
-            parts[name] = load(root / name)
+            with quiet_library_logs():
+                parts[name] = load(root / name)
         except Exception as exc:  # library errors become one readable message
             raise AttenCraftError(f"Could not load {name} from {root / name}: {exc}") from exc
+        if isinstance(parts[name], torch.nn.Module):
+            check_loaded_weights(name, root / name, parts[name])
         progress(phase, i, len(loaders))
     comps = SDComponents(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
                          parts["scheduler"], source=str(root))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -11,9 +12,15 @@ from pathlib import Path
 from .errors import AttenCraftError
 
 
+MAX_NAME = 64  # characters of a slug; a longer one is cut and gets a short hash, so names stay distinct
+
+
 def safe_name(text: str) -> str:
-    """A file-name-safe slug of `text` (letters, digits, - and _)."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "concept"
+    """A short file-name-safe slug of `text` (letters, digits, - and _; at most MAX_NAME characters)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "concept"
+    if len(slug) > MAX_NAME:
+        slug = f"{slug[:MAX_NAME - 9]}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return slug
 
 
 def ensure_out_dir(path: str | Path) -> Path:
@@ -42,16 +49,27 @@ def current_umask() -> int:
     return mask
 
 
+def write_error(path: Path, exc: OSError) -> AttenCraftError:
+    """One readable error for a failed write (disk full, read-only folder...); the previous file is kept."""
+    return AttenCraftError(f"Could not write {path} ({exc.strerror or exc}); any previous version of it is kept. "
+                           "Free disk space or choose a folder you can write to.")
+
+
 def atomic_write(path: str | Path, write) -> Path:
     """Call write(tmp_path) then rename onto `path`: readers never see a half-written file. The file gets the
     permissions a plain open() would give it (0666 less the umask), not the temporary file's 0600."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -78,9 +78,9 @@ def cmd_masks(args) -> int:
     image, notes = load_image(args.image)
     opts = _mask_options(args)
     out = ensure_out_dir(args.out)
-    bars = ProgressBars(args.quiet)
-    comps = _load(args, bars)
-    result = extract_masks(comps, image, concepts, opts, progress=bars)
+    with ProgressBars(args.quiet) as bars:
+        comps = _load(args, bars)
+        result = extract_masks(comps, image, concepts, opts, progress=bars)
     result.notes[:0] = notes
     summary = save_mask_outputs(out, image, result)
     for note in result.notes:
@@ -130,18 +130,15 @@ def cmd_train(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, resolution=args.resolution, masks=_mask_options(args))
     opts.check()
     out = ensure_out_dir(args.out)
-    bars = ProgressBars(args.quiet)
-    comps = _load(args, bars, train=True)
-    for note in notes:
-        bars.log(f"note: {note}")
-    trainer = Trainer(comps, image, concepts, out, opts, user_masks=user_masks, class_images=class_imgs,
-                      cache_dir=args.cache_dir, log=bars.log, progress=bars)
-    if args.resume:
-        trainer.resume()
-    try:
+    with ProgressBars(args.quiet) as bars:
+        comps = _load(args, bars, train=True)
+        for note in notes:
+            bars.log(f"note: {note}")
+        trainer = Trainer(comps, image, concepts, out, opts, user_masks=user_masks, class_images=class_imgs,
+                          cache_dir=args.cache_dir, log=bars.log, progress=bars)
+        if args.resume:
+            trainer.resume()
         result = trainer.run(safe_name(args.name))
-    finally:
-        bars.close()
     print(f"final loss {result.history[-1]['loss']:.4f}" if result.history else "no step was run")
     for kind, path in result.files.items():
         print(f"{kind}: {path}")
@@ -158,11 +155,11 @@ def cmd_generate(args) -> int:
     concept_set.check_prompt(args.prompt)
     out = Path(args.out)
     ensure_out_dir(out.parent if str(out.parent) else ".")
-    bars = ProgressBars(args.quiet)
-    comps = _load(args, bars)
-    concept_set.apply(comps, args.strength)
-    images = generate(comps, [args.prompt] * args.count, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                      negative_prompt=args.negative, resolution=args.resolution, progress=bars)
+    with ProgressBars(args.quiet) as bars:
+        comps = _load(args, bars)
+        concept_set.apply(comps, args.strength)
+        images = generate(comps, [args.prompt] * args.count, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                          negative_prompt=args.negative, resolution=args.resolution, progress=bars)
     for i, image in enumerate(images):
         path = out if args.count == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
         save_image(path, image)
@@ -173,12 +170,9 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    bars = ProgressBars(args.quiet)
-    try:
+    with ProgressBars(args.quiet) as bars:
         run_demo(args.out, model_dir=args.model, image_path=args.image, concepts=args.concepts, steps=args.steps,
                  images_per_prompt=args.images, seed=args.seed, log=bars.log, progress=bars)
-    finally:
-        bars.close()
     return 0
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .errors import AttenCraftError
+from .images import load_image
 from .model_loading import SDComponents
 from .outputs import atomic_write, ensure_out_dir, save_image
 from .progress import Progress, no_progress
@@ -100,6 +101,6 @@ def class_images(comps: SDComponents, prompt: str, count: int, resolution: int, 
         if not path.is_file():
             image = generate(comps, [prompt], seed=10_000 + i, steps=steps, resolution=resolution)[0]
             save_image(path, image)
-        images.append(Image.open(path).convert("RGB"))
+        images.append(load_image(path)[0])  # a damaged cache file is one clear error naming it
         progress("class images", i + 1, count)
     return images

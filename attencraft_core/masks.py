@@ -42,6 +42,8 @@ class MaskOptions:
         require_number("Mask setting threshold", self.threshold, 0, 1)
         if self.resolution is not None:
             require_number("Mask setting resolution", self.resolution, 8, 8192, integer=True)
+            if self.resolution % 8:
+                raise AttenCraftError(f"Mask setting resolution must be a multiple of 8, got {self.resolution}.")
 
     def check(self, num_train_timesteps: int) -> None:
         self.check_numbers()
@@ -107,8 +109,8 @@ def check_affinity_memory(latent_hw, opts: MaskOptions, device: torch.device) ->
     free = free_memory(device)
     if free is not None and need > free:
         raise AttenCraftError(
-            f"Mask extraction at this resolution needs about {need / 2 ** 30:.1f} GiB for the {queries}x{queries} "
-            f"self-attention affinity, and {device} has {free / 2 ** 30:.1f} GiB free. Use a smaller resolution "
+            f"Mask extraction at this resolution needs about {need / 2 ** 20:,.1f} MiB for the {queries}x{queries} "
+            f"self-attention affinity, and {device} has {free / 2 ** 20:,.1f} MiB free. Use a smaller resolution "
             "(the model's own is best) or a larger self-attention factor.")
 
 

@@ -40,6 +40,12 @@ class ProgressBars:
         if done >= total:
             self.close()
 
+    def __enter__(self) -> "ProgressBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # before an error is printed, so it starts on a line of its own
+
     def log(self, line: str) -> None:
         if not self.quiet:
             tqdm.write(line)

@@ -1,9 +1,25 @@
 """Hostile and nonsense input: each case ends in one clear error (exit status 2, the setting named), never a
 traceback and never a silently wrong result. A table: command-line arguments, expected message."""
 
-import pytest
+import errno
+import json
+import shutil
 
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from attencraft_core import AttenCraftError
+from attencraft_core.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from attencraft_core.checkpoint import load_checkpoint, save_checkpoint
 from attencraft_core.cli import main
+from attencraft_core.concept_file import FORMAT as CONCEPT_FORMAT
+from attencraft_core.concept_file import ConceptSet
+from attencraft_core.concepts import Concept
+from attencraft_core.outputs import atomic_write, safe_name
+from conftest import quadrant_blobs
 
 TRAIN = [
     (["--lr", "nan"], "lr must be a finite number"),
@@ -23,6 +39,7 @@ TRAIN = [
     (["--mask-seed", str(2 ** 63)], "Mask setting seed must be >= 0"),
     (["--resolution", "100"], "resolution must be a multiple of 8"),
     (["--resolution", "-64"], "resolution must be >= 8"),
+    (["--resolution", "1000000"], "resolution must be >= 8 and <= 8192"),
     (["--ssim-min", "2"], "ssim_min must be >= -1 and <= 1"),
     (["--threshold", "nan"], "threshold must be a finite number"),
     (["--phase1-lr", "0", "--two-phase"], "phase1_lr must be > 0"),
@@ -51,7 +68,8 @@ def check_refused(argv, expected, capsys):
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert expected in err and err.startswith("error: ") and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # progress bars may precede it
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("extra,expected", TRAIN, ids=[" ".join(a) for a, _ in TRAIN])
@@ -74,3 +92,261 @@ def test_generate_refuses_nonsense_numbers(extra, expected, tmp_path, capsys):
 def test_demo_refuses_nonsense_numbers(extra, expected, tmp_path, capsys):
     check_refused(["demo", "--out", str(tmp_path / "demo"), *extra], expected, capsys)
     assert not (tmp_path / "demo").exists()
+
+
+# ---- files from outside: concept sets, checkpoints, images, model folders -------------------------------------
+
+def concept_set_parts():
+    """A valid concept set's metadata and tensors (made, not trained), to corrupt one thing at a time."""
+    concepts = [Concept("cat", "<c0>"), Concept("dog", "<c1>")]
+    lora = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.randn(4, 32),
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": torch.randn(32, 4)}
+    meta = {"format": CONCEPT_FORMAT, "concepts": json.dumps([{"word": c.word, "placeholder": c.placeholder}
+                                                              for c in concepts]),
+            "base_family": "custom-32", "base_model": "", "lora_rank": "4", "lora_alpha": "4.0",
+            "lora_targets": "kv", "training": "{}"}
+    tensors = {**{f"lora.{k}": v for k, v in lora.items()}, "embedding.<c0>": torch.randn(32),
+               "embedding.<c1>": torch.randn(32)}
+    return meta, tensors
+
+
+def nan_row(tensors):
+    tensors["embedding.<c1>"] = torch.full((32,), float("nan"))
+
+
+CONCEPT_FILES = [
+    ("concepts not JSON", lambda m, t: m.update(concepts="[{oops"), "metadata is not valid JSON"),
+    ("no concepts", lambda m, t: m.pop("concepts"), "metadata has no 'concepts'"),
+    ("concepts a dict", lambda m, t: m.update(concepts='{"a": 1}'), "'concepts' must be a list"),
+    ("placeholder not <cN>", lambda m, t: m.update(concepts='[{"word": "x", "placeholder": "x"}]'),
+     "'concepts' must be a list"),
+    ("duplicate placeholder", lambda m, t: m.update(
+        concepts='[{"word": "a", "placeholder": "<c0>"}, {"word": "b", "placeholder": "<c0>"}]'), "share a placeholder"),
+    ("rank as text", lambda m, t: m.update(lora_rank="sixteen"), "are not numbers"),
+    ("rank huge", lambda m, t: m.update(lora_rank="100000"), "out of range"),
+    ("alpha nan", lambda m, t: m.update(lora_alpha="nan"), "out of range"),
+    ("unknown targets", lambda m, t: m.update(lora_targets="everything"), "unknown LoRA targets"),
+    ("training not JSON", lambda m, t: m.update(training="{"), "metadata is not valid JSON"),
+    ("missing embedding row", lambda m, t: t.pop("embedding.<c1>"), "embedding of <c1> is missing"),
+    ("embedding a matrix", lambda m, t: t.update({"embedding.<c0>": torch.randn(2, 32)}), "embedding of <c0>"),
+    ("embeddings of two sizes", lambda m, t: t.update({"embedding.<c0>": torch.randn(16)}), "differ in size"),
+    ("NaN embedding", lambda m, t: nan_row(t), "NaN or infinite"),
+    ("no LoRA", lambda m, t: [t.pop(k) for k in list(t) if k.startswith("lora.")], "no LoRA weights"),
+    ("LoRA of another rank", lambda m, t: t.update({k: torch.randn(8, 32) for k in t if "lora_A" in k}),
+     "not rank 4"),
+    ("LoRA without its B", lambda m, t: [t.pop(k) for k in list(t) if "lora_B" in k], "no lora_B partner"),
+    ("masks of two shapes", lambda m, t: t.update({"mask.<c0>": torch.ones(4, 4, dtype=torch.uint8),
+                                                   "mask.<c1>": torch.ones(5, 4, dtype=torch.uint8)}),
+     "masks differ in shape"),
+]
+
+
+@pytest.mark.parametrize("case,corrupt,expected", CONCEPT_FILES, ids=[c for c, _, _ in CONCEPT_FILES])
+def test_damaged_concept_sets_are_refused_with_the_reason(case, corrupt, expected, tmp_path, capsys):
+    meta, tensors = concept_set_parts()
+    corrupt(meta, tensors)
+    path = tmp_path / "set.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    check_refused(["generate", "--model", str(tmp_path / "no_model"), "--concepts", str(path), "--prompt",
+                   "a photo of <c0>", "--out", str(tmp_path / "x.png")], expected, capsys)
+
+
+def test_a_valid_made_concept_set_loads():
+    """The corruption table above starts from a set that loads, so each case fails for its own reason."""
+    meta, tensors = concept_set_parts()
+    loaded = ConceptSet.from_parts("set", meta, tensors)
+    assert loaded.rank == 4 and loaded.embeddings.shape == (2, 32) and len(loaded.lora) == 2
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"", "too short to be a safetensors file"),
+    ((2 ** 40).to_bytes(8, "little") + b"{}", "declares a 1099511627776 byte header"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "Cannot read"),
+])
+def test_files_that_are_not_safetensors_are_refused(content, expected, tmp_path, capsys):
+    path = tmp_path / "set.safetensors"
+    path.write_bytes(content)
+    check_refused(["generate", "--model", str(tmp_path / "m"), "--concepts", str(path), "--prompt", "a <c0>",
+                   "--out", str(tmp_path / "x.png")], expected, capsys)
+
+
+def train_args(model, scene, masks, out, *extra):
+    return ["train", "--model", str(model), "--image", str(scene), "--concepts", "cat,dog", "--masks",
+            ",".join(map(str, masks)), "--out", str(out), "--steps", "2", "--rank", "2", "--prior-weight", "0",
+            "--quiet", *extra]
+
+
+@pytest.fixture
+def mask_pngs(tmp_path):
+    paths = []
+    for i, blob in enumerate(quadrant_blobs(64, 2)):
+        paths.append(tmp_path / f"m{i}.png")
+        Image.fromarray((blob.numpy() * 255).astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def foreign_info(path):
+    tensors, info = load_checkpoint(path)
+    info["concepts"] = ["<c0>=bird", "<c1>=fish"]
+    save_checkpoint(path, tensors, info)
+
+
+def empty_info(path):
+    tensors, _ = load_checkpoint(path)
+    save_file(tensors, str(path), metadata={"format": CHECKPOINT_FORMAT, "info": "[]"})
+
+
+def wrong_shapes(path):
+    tensors, info = load_checkpoint(path)
+    tensors["embeddings"] = torch.zeros(5, 3)
+    save_checkpoint(path, tensors, info)
+
+
+CHECKPOINTS = [
+    ("empty", lambda p: p.write_bytes(b""), "not a readable AttenCraft checkpoint"),
+    ("truncated", lambda p: p.write_bytes(p.read_bytes()[:100]), "not a readable AttenCraft checkpoint"),
+    ("a foreign safetensors", lambda p: save_file({"x": torch.ones(2)}, str(p)), "is not an AttenCraft checkpoint"),
+    ("state not an object", empty_info, "not a JSON object"),
+    ("another run's concepts", foreign_info, "belongs to another run"),
+    ("embeddings of another shape", wrong_shapes, "does not fit this run"),
+]
+
+
+@pytest.mark.parametrize("case,damage,expected", CHECKPOINTS, ids=[c for c, _, _ in CHECKPOINTS])
+def test_resume_refuses_a_damaged_or_foreign_checkpoint(case, damage, expected, tiny_model_dir, scene_png,
+                                                        mask_pngs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--checkpoint-every", "1")) == 0
+    damage(out / "checkpoint.safetensors")
+    capsys.readouterr()
+    check_refused(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--resume", "--steps", "4"), expected, capsys)
+
+
+def bomb(path):
+    Image.new("1", (20_000, 20_000)).save(path, format="PNG")  # small on disk, 400 M pixels decoded
+
+
+IMAGES = [
+    ("decompression bomb", bomb, "at most 8192 px on each side"),
+    ("truncated PPM", lambda p: p.write_bytes(b"P6\n64 64\n255\n" + b"\x80" * 100), "Cannot read"),
+    ("malformed GIF", lambda p: p.write_bytes(b"GIF89a\x40\x00\x40\x00\xf7\x00\x00" + b"\x01" * 40), "image"),
+    ("not an image", lambda p: p.write_bytes(b"hello"), "Cannot read"),
+    ("a folder", lambda p: p.mkdir(), "(it is a folder)"),
+]
+
+
+@pytest.mark.parametrize("case,make,expected", IMAGES, ids=[c for c, _, _ in IMAGES])
+def test_hostile_images_are_refused_before_any_model_work(case, make, expected, tmp_path, capsys):
+    image = tmp_path / "in.img"
+    make(image)
+    check_refused(["masks", "--model", str(tmp_path / "no_model"), "--image", str(image), "--concepts", "a,b",
+                   "--out", str(tmp_path / "out")], expected, capsys)
+
+
+def sdxl_config(folder):
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["addition_embed_type"] = "text_time"
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+
+
+def nan_weights(folder):
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, str(path))
+
+
+def swapped_weights(folder):
+    shutil.copy(folder / "unet" / "diffusion_pytorch_model.safetensors",
+                folder / "vae" / "diffusion_pytorch_model.safetensors")
+
+
+MODELS = [
+    ("SDXL UNet config", sdxl_config, "SDXL UNet"),
+    ("NaN weights", nan_weights, "conv_in.weight holds NaN"),
+    ("swapped weight files", swapped_weights, "vae weights are missing from its weight file"),
+]
+
+
+@pytest.mark.parametrize("case,damage,expected", MODELS, ids=[c for c, _, _ in MODELS])
+def test_broken_model_folders_are_refused_at_load(case, damage, expected, tiny_model_dir, scene_png, tmp_path,
+                                                  capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    damage(folder)
+    check_refused(["masks", "--model", str(folder), "--image", str(scene_png), "--concepts", "cat,dog", "--out",
+                   str(tmp_path / "out")], expected, capsys)
+    assert len(capsys.readouterr().err) < 2000  # no page of library warnings
+
+
+# ---- options and paths -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,expected", [("bogus", "is not a device name"), ("cuda:7", "is not available")])
+def test_devices_that_do_not_exist_are_refused(device, expected, tiny_model_dir, scene_png, tmp_path, capsys):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    check_refused(["masks", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                   "--out", str(tmp_path / "out"), "--device", device], expected, capsys)
+
+
+def test_a_rank_wider_than_the_layers_is_refused_before_allocating(tiny_model_dir, scene_png, mask_pngs, tmp_path,
+                                                                    capsys):
+    check_refused(train_args(tiny_model_dir, scene_png, mask_pngs, tmp_path / "run", "--rank", "1024"),
+                  "larger than the narrowest layer", capsys)
+
+
+def test_an_affinity_larger_than_free_memory_is_refused_before_allocating(monkeypatch, tiny_model_dir, scene_png,
+                                                                          tmp_path, capsys):
+    monkeypatch.setattr("attencraft_core.masks.free_memory", lambda device: 1024)
+    check_refused(["masks", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                   "--out", str(tmp_path / "out")], "self-attention affinity", capsys)
+
+
+def test_long_words_give_short_distinct_file_names():
+    a, b = safe_name("x" * 300 + " one"), safe_name("x" * 300 + " two")
+    assert len(a) <= 64 and len(b) <= 64 and a != b and safe_name("cat") == "cat"
+
+
+@pytest.mark.parametrize("where", ["out", "class-images", "cache"])
+def test_a_file_in_the_way_of_a_folder_is_one_clear_error(where, tiny_model_dir, scene_png, mask_pngs, tmp_path,
+                                                          capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    args = train_args(tiny_model_dir, scene_png, mask_pngs, blocker if where == "out" else tmp_path / "run")
+    if where == "class-images":
+        args += ["--prior-weight", "1", "--class-images", str(blocker)]
+    if where == "cache":
+        args += ["--prior-weight", "1", "--num-class-images", "1", "--class-steps", "1", "--cache-dir",
+                 str(blocker)]
+    expected = {"out": "is not writable", "class-images": "is not a folder", "cache": "is not writable"}[where]
+    check_refused(args, expected, capsys)
+
+
+def test_disk_full_while_writing_keeps_the_old_file(tmp_path):
+    target = tmp_path / "checkpoint.safetensors"
+    target.write_bytes(b"the last good checkpoint")
+
+    def disk_full(tmp):
+        tmp.write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(AttenCraftError, match="No space left on device.*previous version of it is kept"):
+        atomic_write(target, disk_full)
+    assert target.read_bytes() == b"the last good checkpoint" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_damaged_class_image_cache_file_is_named(tiny, tmp_path):
+    from attencraft_core.generation import class_images
+
+    class_images(tiny, "a photo at the beach", 1, 64, steps=1, cache_dir=tmp_path)
+    cached = next((tmp_path / "class_images").rglob("0000.png"))
+    cached.write_bytes(b"not a png any more")
+    with pytest.raises(AttenCraftError, match="0000.png"):
+        class_images(tiny, "a photo at the beach", 1, 64, steps=1, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("value,expected", [("100", "multiple of 8"), ("0", ">= 8")])
+def test_masks_refuse_bad_resolutions(value, expected, tiny_model_dir, scene_png, tmp_path, capsys):
+    check_refused(["masks", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                   "--out", str(tmp_path / "out"), "--resolution", value], expected, capsys)
+

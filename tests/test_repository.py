@@ -59,3 +59,16 @@ def test_readme_main_job_runs(tmp_path, monkeypatch):
     assert (out / "contact_sheet.png").is_file() and len(report["mask_iou"]) == 2
     # the concepts are learned, not only trained: a floor well below what was measured (1.0 and 0.25)
     assert max(c["fidelity"] for c in report["per_concept"]) >= 0.5, report["per_concept"]
+
+
+def test_readme_states_the_hostile_input_case_count():
+    import re
+    import subprocess
+    import sys
+
+    files = ["tests/test_hostile_input.py", "tests/test_headless_client.py"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *files], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    collected = int(re.search(r"(\d+) tests? collected", run.stdout).group(1))
+    stated = re.search(r"Hostile and broken input is covered by (\d+) test cases", (ROOT / "README.md").read_text())
+    assert stated and int(stated.group(1)) == collected, (stated and stated.group(1), collected)

@@ -168,19 +168,22 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import check_demo_settings, run_demo
+    from .images import load_image
+    from .training import TrainOptions
 
+    check_demo_settings(args.images, args.seed)
+    opts = TrainOptions(steps=args.steps, seed=args.seed)
+    opts.check()
+    image, notes = load_image(args.image)
     with ProgressBars(args.quiet) as bars:
-        run_demo(args.out, model_dir=args.model, image_path=args.image, concepts=args.concepts, steps=args.steps,
-                 images_per_prompt=args.images, seed=args.seed, log=bars.log, progress=bars)
-    return 0
-
-
-def cmd_make_tiny_model(args) -> int:
-    from .tiny_models import build_tiny_components, save_components
-
-    out = save_components(build_tiny_components(seed=args.seed), args.out)
-    print(f"wrote a random tiny SD-style model to {out} (for smoke runs; its masks mean nothing)")
+        for note in notes:
+            bars.log(f"note: {note}")
+        comps = _load(args, bars, train=True)
+        result = run_demo(args.out, comps, image, args.concepts, opts, images_per_prompt=args.images,
+                          seed=args.seed, log=bars.log, progress=bars)
+    print(f"contact sheet: {Path(args.out) / 'contact_sheet.png'}; report: {Path(args.out) / 'report.json'} "
+          f"({result.report['seconds']} s)")
     return 0
 
 
@@ -280,34 +283,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA strength, as on the Apply Concepts node (default 1; the learned tokens stay as learned)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="the whole job on the shipped toy model: masks, training, generations",
-                       description="Run the whole method on the bundled toy scene with the shipped toy model (or "
-                                   "on --model/--image/--concepts): extract masks, train, generate each concept "
-                                   "alone, together and in a new context. Writes contact_sheet.png and "
-                                   "report.json (mask IoU, fidelity, leakage on the toy world) to --out.")
+    p = sub.add_parser("demo", help="the whole job on one model and image: masks, training, generations",
+                       description="Extract masks, train, and generate each concept alone, together and in a new "
+                                   "context; writes contact_sheet.png and report.json to --out, the trained set "
+                                   "to --out/run. (`python -m attencraft_lab demo` runs it on the shipped toy "
+                                   "model and measures it.)")
+    _add_model_args(p)
+    p.add_argument("--image", required=True, help="the image showing all concepts")
+    p.add_argument("--concepts", required=True, help='comma-separated word per concept, e.g. "cat,dog"')
     p.add_argument("--out", required=True, help="output folder")
-    _add_quiet_arg(p)
-    p.add_argument("--model", default=None, help="an SD 1.x/2.x diffusers folder instead of the toy model")
-    p.add_argument("--image", default=None, help="the image, with --model")
-    p.add_argument("--concepts", default=None, help='comma-separated concept words, with --model (e.g. "cat,dog")')
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 800 on the toy model, else 500)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
     p.add_argument("--images", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("make-tiny-model", help="write a random tiny SD-style model folder (smoke tests)",
-                       description="Write a tiny randomly initialised SD-style diffusers folder. It runs every "
-                                   "command in seconds; its attention is random, so its masks mean nothing.")
-    p.add_argument("out", help="folder to write")
-    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
-    p.set_defaults(func=cmd_make_tiny_model)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False):  # the libraries' own loading bars too
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command (its `func`): a user-fixable error is one `error:` line and status 2, Ctrl-C 130.
+    With `quiet`, the libraries' own loading bars are off too. Shared with `python -m attencraft_lab`."""
+    if getattr(args, "quiet", False):
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -321,3 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return run_command(build_parser().parse_args(argv))

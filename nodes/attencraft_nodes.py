@@ -1,4 +1,5 @@
-"""The AttenCraft nodes in ComfyUI's V3 schema. Heavy imports happen inside execute()."""
+"""The AttenCraft nodes in ComfyUI's V3 schema. Heavy imports (torch, diffusers, the core) happen inside
+execute(), so that the pack loads, and a missing requirement is a node error, not an import failure."""
 
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ class TrainLoRA(io.ComfyNode):
         import torch
         from PIL import Image
 
-        from ..attencraft_core.training import Trainer, TrainOptions
+        from ..attencraft_core.api import Trainer, TrainOptions
         from .bridge import components_from_comfy
         from .logic import (TrainedConcepts, check_name, comfy_file_paths, image_from_comfy, image_to_comfy,
                             images_from_comfy, training_inputs, write_comfy_files)
@@ -221,9 +222,7 @@ class ApplyConcepts(io.ComfyNode):
         import comfy.sd
         import folder_paths
 
-        from ..attencraft_core.concept_file import ConceptSet
-        from ..attencraft_core.errors import AttenCraftError
-        from ..attencraft_core.lora import to_kohya
+        from ..attencraft_core.api import AttenCraftError, ConceptSet, to_kohya
         from .logic import TrainedConcepts, check_lora_keys, check_name, prompt_syntax
 
         _register_folder()

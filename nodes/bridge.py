@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..attencraft_core.errors import AttenCraftError
+from ..attencraft_core.api import AttenCraftError, SDComponents
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
@@ -136,8 +136,6 @@ def components_from_comfy(model, clip, vae):
     """The core's SDComponents from ComfyUI objects, on ComfyUI's torch device, fp32, free of inference mode."""
     import comfy.model_management as mm
     from diffusers import DDPMScheduler
-
-    from ..attencraft_core.model_loading import SDComponents
 
     mm.unload_all_models()  # ComfyUI's copies leave the device; patches are restored before we read weights
     mm.soft_empty_cache()

@@ -13,10 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attencraft_core.concept_file import ConceptSet
-from ..attencraft_core.concepts import Concept, parse_concepts
-from ..attencraft_core.errors import AttenCraftError
-from ..attencraft_core.images import ensure_rgb, overlay
+from ..attencraft_core.api import (AttenCraftError, Concept, ConceptSet, MaskOptions, ensure_rgb, extract_masks,
+                                   overlay, parse_concepts)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
 
@@ -65,8 +63,6 @@ def images_from_comfy(batch: torch.Tensor | None) -> list[Image.Image] | None:
 
 def extract(comps, image: torch.Tensor, words: str, seed: int, t_min: int, t_max: int, threshold: float):
     """Extract Concept Masks: (MASK [N, H, W], overlay IMAGE [1, H, W, 3], ExtractedConcepts)."""
-    from ..attencraft_core.masks import MaskOptions, extract_masks
-
     concepts = parse_concepts(words)
     pil, notes = image_from_comfy(image)
     result = extract_masks(comps, pil, concepts, MaskOptions(seed=seed, t_min=t_min, t_max=t_max,

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from attencraft_core.tiny_models import build_tiny_components, save_components  # noqa: E402
+from attencraft_lab.tiny_models import build_tiny_components, save_components  # noqa: E402
 
 
 @pytest.fixture

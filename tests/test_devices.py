@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from attencraft_core import AttenCraftError
-from attencraft_core.devices import machine_description, resolve_device, resolve_dtype
+from attencraft_core.devices import resolve_device, resolve_dtype
+from attencraft_lab.machine import machine_description
 
 
 def test_half_precision_is_never_used_on_the_cpu():

@@ -19,6 +19,7 @@ from attencraft_core.concept_file import FORMAT as CONCEPT_FORMAT
 from attencraft_core.concept_file import ConceptSet
 from attencraft_core.concepts import Concept
 from attencraft_core.outputs import atomic_write, safe_name
+from attencraft_lab.__main__ import main as lab_main
 from conftest import quadrant_blobs
 
 TRAIN = [
@@ -57,7 +58,7 @@ GENERATE = [
 ]
 
 DEMO = [
-    (["--steps", "0"], "Training steps must be >= 1"),
+    (["--steps", "0"], "steps must be >= 1"),
     (["--images", "0"], "Images per prompt must be >= 1"),
     (["--images", "-1"], "Images per prompt must be >= 1"),
     (["--seed", "-5"], "Seed must be >= 0"),
@@ -90,7 +91,12 @@ def test_generate_refuses_nonsense_numbers(extra, expected, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,expected", DEMO, ids=[" ".join(a) for a, _ in DEMO])
 def test_demo_refuses_nonsense_numbers(extra, expected, tmp_path, capsys):
-    check_refused(["demo", "--out", str(tmp_path / "demo"), *extra], expected, capsys)
+    """Both demos: the toy one of the measuring world and the core's on a model and image."""
+    code = lab_main(["demo", "--out", str(tmp_path / "demo"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err, err
+    check_refused(["demo", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "i.png"), "--concepts", "a,b",
+                   "--out", str(tmp_path / "demo"), *extra], expected, capsys)
     assert not (tmp_path / "demo").exists()
 
 

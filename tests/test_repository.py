@@ -1,4 +1,4 @@
-"""Promises the repository makes: CI runs README's two commands; the core never imports ComfyUI."""
+"""Promises the repository makes: CI runs README's two commands; import arrows point to the core only."""
 
 import ast
 from pathlib import Path
@@ -20,7 +20,7 @@ def test_ci_runs_readme_commands_in_order_in_a_fresh_venv():
     """CI proves that README's second command works right after the first: its lines are README's own."""
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     first = " ".join(readme_block("# 1. the main job").split())
-    install = first.split(". .venv/bin/activate && ", 1)[1].split(" && python -m attencraft_core", 1)[0]
+    install = first.split(". .venv/bin/activate && ", 1)[1].split(" && python -m attencraft_lab", 1)[0]
     second = readme_block("# 2. lint and tests").strip()
     assert "python3 -m venv .venv" in ci and ". .venv/bin/activate" in ci
     assert ci.index(install) < ci.index(second) == len(ci) - 1
@@ -28,14 +28,33 @@ def test_ci_runs_readme_commands_in_order_in_a_fresh_venv():
     assert "pytest" not in (ROOT / "requirements.txt").read_text()  # so the second command must install it
 
 
-def test_core_never_imports_comfyui():
-    for path in (ROOT / "attencraft_core").rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.split(".")[0] in {"comfy", "comfy_api", "comfy_extras", "folder_paths"}
-                           for n in names), f"{path} imports ComfyUI"
+def imported_packages(folder: Path):
+    """(file, top-level package) for every import in the .py files under `folder`."""
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                yield from ((path, a.name.split(".")[0]) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                yield path, node.module.split(".")[0]
+
+
+COMFYUI = {"comfy", "comfy_api", "comfy_extras", "folder_paths"}
+
+
+def test_import_arrows_point_from_the_pack_and_the_measuring_world_to_the_core():
+    """The core imports neither ComfyUI nor the measuring world; the measuring world does not import ComfyUI."""
+    for path, package in imported_packages(ROOT / "attencraft_core"):
+        assert package not in COMFYUI | {"attencraft_lab", "nodes"}, f"{path} imports {package}"
+    for path, package in imported_packages(ROOT / "attencraft_lab"):
+        assert package not in COMFYUI | {"nodes"}, f"{path} imports {package}"
+
+
+def test_the_pack_and_the_measuring_world_use_the_core_through_its_api():
+    for folder in ("nodes", "attencraft_lab"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and "attencraft_core" in node.module:
+                    assert node.module.endswith("attencraft_core.api"), f"{path} imports {node.module}"
 
 
 @pytest.mark.slow
@@ -45,10 +64,10 @@ def test_readme_main_job_runs(tmp_path, monkeypatch):
     import re
     import shlex
 
-    from attencraft_core.cli import main
+    from attencraft_lab.__main__ import main
 
     block = readme_block("# 1. the main job")
-    commands = [c.strip() for c in re.split(r"&&", block) if "python -m attencraft_core" in c]
+    commands = [c.strip() for c in re.split(r"&&", block) if "python -m attencraft_lab" in c]
     assert [shlex.split(c)[3] for c in commands] == ["demo"]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ATTENCRAFT_CACHE", str(tmp_path / "cache"))

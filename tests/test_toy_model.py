@@ -10,20 +10,21 @@ from PIL import Image
 
 from attencraft_core import parse_concepts
 from attencraft_core.attention import layer_factors
-from attencraft_core.demo import load_scene, run_demo
+from attencraft_core.cli import main as core_main
+from attencraft_lab.demo import load_scene, run_toy_demo
 from attencraft_core.encoding import decode_latents, encode_images
 from attencraft_core.generation import generate
 from attencraft_core.images import image_to_tensor, tensor_to_image
 from attencraft_core.masks import MaskOptions, extract_masks
 from attencraft_core.model_loading import load_components
-from attencraft_core.tiny_models import save_components
-from attencraft_core.toy.evaluate import mask_iou, matches
-from attencraft_core.toy.judge import analyse
-from attencraft_core.toy.model import build_toy_components, toy_model_dir
-from attencraft_core.toy.world import VOCABULARY, random_scene, training_caption
+from attencraft_lab.tiny_models import save_components
+from attencraft_lab.toy.evaluate import mask_iou, matches
+from attencraft_lab.toy.judge import analyse
+from attencraft_lab.toy.model import build_toy_components, toy_model_dir
+from attencraft_lab.toy.world import VOCABULARY, random_scene, training_caption
 
 needs_weights = pytest.mark.skipif(not (toy_model_dir() / "unet").is_dir(),
-                                   reason="the trained toy weights are missing from attencraft_core/toy/weights")
+                                   reason="the trained toy weights are missing from attencraft_lab/toy/weights")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_toy_architecture_has_the_layers_the_method_reads(untrained_toy_dir):
 
 def test_demo_runs_end_to_end(untrained_toy_dir, tmp_path, planted_attention):
     planted_attention(2)
-    report = run_demo(tmp_path, model_dir=untrained_toy_dir, steps=3, images_per_prompt=1, log=lambda s: None)
+    report = run_toy_demo(tmp_path, model_dir=untrained_toy_dir, steps=3, images_per_prompt=1, log=lambda s: None)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert (tmp_path / "contact_sheet.png").is_file() and saved["mask_iou"] == report["mask_iou"]
     assert len(saved["per_concept"]) == 2 and 0 <= saved["joint_fidelity"] <= 1
@@ -58,14 +59,18 @@ def test_demo_runs_end_to_end(untrained_toy_dir, tmp_path, planted_attention):
     assert words == "cyan, green" and len(scene.objects) == 2
 
 
-def test_demo_on_a_users_image_and_model_writes_the_sheet_without_toy_metrics(untrained_toy_dir, tmp_path,
-                                                                               planted_attention):
+def test_the_core_demo_on_a_users_image_and_model_writes_the_sheet(untrained_toy_dir, tmp_path, planted_attention):
+    """`python -m attencraft_core demo` knows nothing of the toy world: no toy metrics in its report."""
     planted_attention(2)
     scene, _ = load_scene()
     scene.image.save(tmp_path / "input.png")
-    report = run_demo(tmp_path / "out", model_dir=untrained_toy_dir, image_path=tmp_path / "input.png",
-                      concepts="cyan, green", steps=2, images_per_prompt=1, log=lambda s: None)
-    assert "per_concept" not in report and "mask_iou" not in report
+    assert core_main(["demo", "--model", str(untrained_toy_dir), "--image", str(tmp_path / "input.png"),
+                      "--concepts", "cyan, green", "--steps", "2", "--images", "1", "--out", str(tmp_path / "out"),
+                      "--quiet"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "per_concept" not in report and "mask_iou" not in report and report["final_loss"] > 0
+    assert [c["word"] for c in report["masks"]["concepts"]] == ["cyan", "green"]
+    assert (tmp_path / "out" / "run" / "demo.safetensors").is_file()
     sheet = Image.open(tmp_path / "out" / "contact_sheet.png")
     # rows: input and masks; each concept alone; both together; each concept on the beach
     assert sheet.height == 6 * (256 + 16)
@@ -97,7 +102,7 @@ def test_trained_model_mask_iou_stays_above_the_floor():
 
 
 def test_toy_training_resumes_and_exports(tmp_path):
-    from attencraft_core.toy.train import train
+    from attencraft_lab.toy.train import train
 
     first = train(tmp_path / "work", minutes=60, vae_steps=2, batch=2, seed=0, export=None, vae_batch=2,
                   max_steps=2)
@@ -111,7 +116,7 @@ def test_toy_training_resumes_and_exports(tmp_path):
 
 
 def test_decoder_sharpening_keeps_the_latent_space_the_unet_learned(tmp_path):
-    from attencraft_core.toy.train import train
+    from attencraft_lab.toy.train import train
 
     work = tmp_path / "work"
     train(work, minutes=60, vae_steps=2, batch=2, seed=0, export=None, vae_batch=2, max_steps=1)
@@ -127,7 +132,7 @@ def test_decoder_sharpening_keeps_the_latent_space_the_unet_learned(tmp_path):
 
 
 def test_object_word_positions_point_at_each_objects_tokens():
-    from attencraft_core.toy.train import object_word_positions
+    from attencraft_lab.toy.train import object_word_positions
 
     tokenizer = build_toy_components().tokenizer
     rng = random.Random(0)
@@ -143,7 +148,7 @@ def test_object_word_positions_point_at_each_objects_tokens():
 
 
 def test_localisation_loss_prefers_attention_on_the_right_object():
-    from attencraft_core.toy.train import SizedStore, localisation_loss, object_word_positions
+    from attencraft_lab.toy.train import SizedStore, localisation_loss, object_word_positions
 
     scene = random_scene(random.Random(3), count=2)
     caption = scene.caption
@@ -168,7 +173,7 @@ def test_localisation_loss_prefers_attention_on_the_right_object():
 
 
 def test_localisation_loss_on_a_batch_weights_every_term_like_one_row_at_a_time():
-    from attencraft_core.toy.train import SizedStore, localisation_loss
+    from attencraft_lab.toy.train import SizedStore, localisation_loss
 
     rng = random.Random(5)
     scenes = [random_scene(rng, count=n) for n in (1, 3, 2)]
@@ -190,7 +195,7 @@ def test_localisation_loss_on_a_batch_weights_every_term_like_one_row_at_a_time(
 
 
 def test_batches_are_the_same_with_or_without_worker_processes():
-    from attencraft_core.toy.train import BatchStream
+    from attencraft_lab.toy.train import BatchStream
 
     inline = BatchStream(seed=1, stage="unet", start=5, size=3, workers=0, device=torch.device("cpu"))
     ahead = BatchStream(seed=1, stage="unet", start=5, size=3, workers=2, device=torch.device("cpu"))
@@ -205,7 +210,7 @@ def test_batches_are_the_same_with_or_without_worker_processes():
 
 
 def test_training_continues_an_exported_model(tmp_path):
-    from attencraft_core.toy.train import train
+    from attencraft_lab.toy.train import train
 
     train(tmp_path / "first", minutes=60, vae_steps=1, batch=2, seed=0, export=tmp_path / "export", vae_batch=2,
           max_steps=1)
@@ -219,7 +224,7 @@ def test_training_continues_an_exported_model(tmp_path):
 
 
 def test_vae_stage_batches_show_held_out_appearances_in_their_second_half():
-    from attencraft_core.toy.train import CODEC_STAGE, make_batch
+    from attencraft_lab.toy.train import CODEC_STAGE, make_batch
 
     halves = [[], []]
     for step in range(3):
@@ -231,7 +236,7 @@ def test_vae_stage_batches_show_held_out_appearances_in_their_second_half():
 
 
 def test_vae_stage_on_every_appearance_resumes_and_leaves_the_unet_alone(tmp_path):
-    from attencraft_core.toy.train import train
+    from attencraft_lab.toy.train import train
 
     work, settings = tmp_path / "work", dict(minutes=60, vae_steps=1, batch=2, seed=0, vae_batch=4, max_steps=1)
     train(work, export=None, vae_all_steps=1, **settings)
@@ -267,7 +272,7 @@ def test_toy_vae_keeps_the_held_out_appearances():
 @needs_weights
 @pytest.mark.parametrize("words", ["orange, red", "orange ring, red square"])
 def test_a_mask_never_vanishes_at_image_size(words):
-    """Held-out training scene 14 of bench/quality.py at 128 px: the orange striped ring's attention region is a
+    """Held-out training scene 14 of attencraft_lab/bench/quality.py at 128 px: the orange striped ring's attention region is a
     few pixels that the margin rule on upsampled maps used to leave empty (an all-black mask, no error)."""
     scene = random_scene(random.Random(5000 + 14), count=2, held_out=True)
     assert [o.words() for o in scene.objects] == ["orange striped ring", "red dotted square"]

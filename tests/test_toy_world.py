@@ -4,9 +4,9 @@ import random
 
 import numpy as np
 
-from attencraft_core.toy.evaluate import context_object, evaluation_prompts, judge_generations, judge_joint_image
-from attencraft_core.toy.judge import analyse
-from attencraft_core.toy.world import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES, SceneObject, allowed,
+from attencraft_lab.toy.evaluate import context_object, evaluation_prompts, judge_generations, judge_joint_image
+from attencraft_lab.toy.judge import analyse
+from attencraft_lab.toy.world import (BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, SHAPES, SceneObject, allowed,
                                        random_scene, render, shape_mask, training_caption)
 
 

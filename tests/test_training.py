@@ -20,7 +20,7 @@ from attencraft_core.concept_file import ConceptSet, embedding_key
 from attencraft_core.generation import class_images, generate
 from attencraft_core.lora import from_kohya, lora_deltas, set_lora_strength
 from attencraft_core.outputs import atomic_write
-from attencraft_core.tiny_models import build_tiny_components
+from attencraft_lab.tiny_models import build_tiny_components
 from attencraft_core.training import Trainer, TrainingCancelled, TrainOptions
 from conftest import quadrant_blobs, two_object_array
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..model_loading import SDComponents
+from attencraft_core.api import SDComponents, TrainOptions
+
 from ..tiny_models import build_word_tokenizer
-from ..training import TrainOptions
 from .world import VOCABULARY
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -53,7 +53,7 @@ CLASS_PROMPT = "a photo of a shape"
 
 
 def concept_training_options(steps: int | None = None, **overrides) -> TrainOptions:
-    """TrainOptions for learning concepts on the toy model (the demo's and bench/quality.py's).
+    """TrainOptions for learning concepts on the toy model (the demo's and attencraft_lab/bench/quality.py's).
 
     Wider and higher-rank LoRA than the SD default (all attention and feed-forward layers, rank 16) and a
     higher learning rate: with key/value LoRA at rank 8 the concepts kept their colour but mostly not their

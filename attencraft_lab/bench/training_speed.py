@@ -3,8 +3,8 @@
 Same UNet, latent size and LoRA targets for both steps (batch = instance + prior image). Random weights with
 the real SD geometry: `--family sd1` (SD 1.5 UNet, 860 M) or `sd2` (SD 2.1-base). Prints a table; not a test.
 
-    python bench/training_speed.py                                # CPU, SD 1.5 shape, 256 px
-    python bench/training_speed.py --family sd2 --resolution 512 --device cuda \
+    python -m attencraft_lab.bench.training_speed                                # CPU, SD 1.5 shape, 256 px
+    python -m attencraft_lab.bench.training_speed --family sd2 --resolution 512 --device cuda \
         --precisions fp32,bf16,bf16+gc --steps 5                  # the GPU run (one call)
 """
 
@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
+from attencraft_core.api import (AttenCraftError, MaskOptions, SDComponents, Trainer, TrainOptions,
+                                  add_concept_tokens, encode_prompts, masks_from_latents, parse_concepts,
+                                  resolve_device)
 
-from attencraft_core import AttenCraftError, parse_concepts  # noqa: E402
-from attencraft_core.concepts import add_concept_tokens  # noqa: E402
-from attencraft_core.devices import machine_description, resolve_device  # noqa: E402
-from attencraft_core.encoding import encode_prompts  # noqa: E402
-from attencraft_core.masks import MaskOptions, masks_from_latents  # noqa: E402
-from attencraft_core.model_loading import SDComponents  # noqa: E402
-from attencraft_core.tiny_models import build_word_tokenizer  # noqa: E402
-from attencraft_core.training import Trainer, TrainOptions  # noqa: E402
+from ..machine import machine_description
+from ..tiny_models import build_word_tokenizer
 
 SHAPES = {
     "sd1": dict(cross_attention_dim=768, attention_head_dim=8, text_layers=12, text_heads=12),

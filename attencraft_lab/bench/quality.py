@@ -11,10 +11,10 @@
    paper's masks as extracted), and without the masked / attention loss; on request, with the reference
    code's half-masked loss or with prior preservation (off in the toy's settings; 4 or 32 class images).
 
-    python bench/quality.py                       # the configuration recorded in docs/quality.md
-    python bench/quality.py --mask-scenes 5 --train-scenes 1 --steps 20 --images 2   # a quick look
-    python bench/quality.py --first-train-scene 4 --mask-scenes 0 --variants full     # policies, held-out scenes
-    python bench/quality.py --mask-scenes 0 --policies adaptive --variants full --train-scenes 8 --seeds 0,1
+    python -m attencraft_lab.bench.quality                       # the configuration recorded in docs/quality.md
+    python -m attencraft_lab.bench.quality --mask-scenes 5 --train-scenes 1 --steps 20 --images 2   # a quick look
+    python -m attencraft_lab.bench.quality --first-train-scene 4 --mask-scenes 0 --variants full     # policies, held-out scenes
+    python -m attencraft_lab.bench.quality --mask-scenes 0 --policies adaptive --variants full --train-scenes 8 --seeds 0,1
 """
 
 from __future__ import annotations
@@ -22,32 +22,23 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from attencraft_core.api import (AttenCraftError, MaskOptions, Trainer, decode_latents, encode_images,
+                                  extract_masks, generate, image_to_tensor, load_components, parse_concepts,
+                                  set_lora_strength, tensor_to_image)
 
-from attencraft_core import AttenCraftError, parse_concepts  # noqa: E402
-from attencraft_core.devices import machine_description  # noqa: E402
-from attencraft_core.encoding import decode_latents, encode_images  # noqa: E402
-from attencraft_core.generation import generate  # noqa: E402
-from attencraft_core.images import image_to_tensor, tensor_to_image  # noqa: E402
-from attencraft_core.lora import set_lora_strength  # noqa: E402
-from attencraft_core.masks import MaskOptions, extract_masks  # noqa: E402
-from attencraft_core.model_loading import load_components  # noqa: E402
-from attencraft_core.toy.evaluate import (  # noqa: E402
-    context_object, evaluation_prompts, judge_generations, judge_joint_image, mask_iou, matches)
-from attencraft_core.toy.judge import analyse  # noqa: E402
-from attencraft_core.toy.model import concept_training_options, toy_model_dir  # noqa: E402
-from attencraft_core.toy.world import SIZE, SceneObject, random_scene  # noqa: E402
-from attencraft_core.training import Trainer  # noqa: E402
+from ..machine import machine_description
+from ..toy.evaluate import (context_object, evaluation_prompts, judge_generations, judge_joint_image, mask_iou,
+                            matches)
+from ..toy.judge import analyse
+from ..toy.model import concept_training_options, toy_model_dir
+from ..toy.world import SIZE, SceneObject, random_scene
 
 VARIANTS = {"full": {}, "no mask margin": {"loss_mask_margin": 0}, "no masked loss": {"masked_loss": False},
             "no attention loss": {"attention_weight": 0.0},

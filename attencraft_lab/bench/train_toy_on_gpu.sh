@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the toy model on a GPU machine lent through the device tool, two runs side by side on the one GPU:
 #   scratch: the whole recipe from nothing (VAE, decoder, UNet + text encoder, VAE on every appearance);
-#   continued: stage 3 continued from the shipped weights (attencraft_core/toy/weights; its stage 4 is done).
+#   continued: stage 3 continued from the shipped weights (attencraft_lab/toy/weights; its stage 4 is done).
 # Each writes its export as a tar and its log under $OUT. MINUTES (default 6) is each run's budget of stages
 # 1-3 (stage 4, 2,000 VAE steps, runs after it); VAE_ARGS sets the scratch run's VAE stages (steps are not
 # bounded by the budget); RUNS picks the runs, INIT the model
@@ -12,7 +12,7 @@ OUT=${OUT:-out/gpu-train}
 MINUTES=${MINUTES:-6}
 VAE_ARGS=${VAE_ARGS:---vae-steps 2000 --vae-batch 64 --decoder-steps 1000}
 RUNS=${RUNS:-scratch continued}
-INIT=${INIT:-attencraft_core/toy/weights}
+INIT=${INIT:-attencraft_lab/toy/weights}
 BATCH=${BATCH:-128}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -30,7 +30,7 @@ for run in $RUNS; do
         scratch) args="$VAE_ARGS" ;;
         continued) args="--init $INIT" ;;
     esac
-    python3 -m attencraft_core.toy.train --work "$WORK/$run" --minutes "$MINUTES" $args --batch "$BATCH" --workers 6 \
+    python3 -m attencraft_lab.toy.train --work "$WORK/$run" --minutes "$MINUTES" $args --batch "$BATCH" --workers 6 \
         --export "$WORK/$run-export" > "$OUT/$run.log" 2>&1 &
 done
 wait

@@ -1,6 +1,6 @@
 """Train the toy model from scratch on the procedural world (resumable, seeded, progress bar).
 
-    python -m attencraft_core.toy.train --work out/toy-train --minutes 60 --export attencraft_core/toy/weights
+    python -m attencraft_lab.toy.train --work out/toy-train --minutes 60 --export attencraft_lab/toy/weights
 
 Stage 1 trains the VAE to reconstruct scenes; stage 2 sharpens its decoder alone (the latent space stays fixed,
 so a UNet already trained on it stays valid); stage 3 trains UNet + text encoder on the latents' means (DDPM
@@ -40,11 +40,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..attention import AttentionStore, capture_attention
-from ..devices import machine_description, resolve_device
-from ..encoding import encode_images
-from ..model_loading import load_components
-from ..outputs import atomic_write
+from attencraft_core.api import (AttentionStore, atomic_write, capture_attention, encode_images, load_components,
+                                  resolve_device)
+
+from ..machine import machine_description
 from ..tiny_models import save_components
 from .model import build_toy_components
 from .world import random_scene, training_caption

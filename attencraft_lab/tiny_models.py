@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .model_loading import SDComponents
+from attencraft_core.api import SDComponents
 
 BASE_WORDS = ("a", "photo", "of", "and", "at", "the", "beach", "on", "in", "with", "cat", "dog", "bird",
               "teddy", "bear", "ball", "red", "blue", "green", "circle", "star", "square", "background")

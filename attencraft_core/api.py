@@ -1,0 +1,35 @@
+"""The core's public API: what the command line, the ComfyUI nodes, the demo and the measuring world call.
+
+Everything a caller outside `attencraft_core` needs is importable from here; the modules behind it may change.
+"""
+
+from .attention import AttentionStore, capture_attention, layer_factors
+from .checkpoint import load_checkpoint, save_checkpoint
+from .cli import run_command
+from .concept_file import ConceptSet, embedding_key
+from .concepts import Concept, add_concept_tokens, concepts_prompt, parse_concepts
+from .demo import DemoResult, check_demo_settings, contact_sheet, demo_prompts, run_demo
+from .devices import default_device, resolve_device, resolve_dtype
+from .encoding import decode_latents, encode_images, encode_prompts
+from .errors import AttenCraftError
+from .generation import class_images, generate
+from .images import ensure_rgb, image_to_tensor, load_image, mask_to_image, overlay, tensor_to_image
+from .lora import set_lora_strength, to_kohya
+from .masks import MaskOptions, MaskResult, extract_masks, masks_from_latents
+from .model_loading import SDComponents, load_components
+from .outputs import atomic_write, ensure_out_dir, safe_name, save_image, save_mask_outputs, write_json
+from .progress import Progress, ProgressBars, no_progress
+from .training import Trainer, TrainingCancelled, TrainOptions, TrainResult
+from .validation import require_number, require_seed
+
+__all__ = [
+    "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
+    "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
+    "add_concept_tokens", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",
+    "decode_latents", "default_device", "demo_prompts", "embedding_key", "encode_images", "encode_prompts",
+    "ensure_out_dir", "ensure_rgb", "extract_masks", "generate", "image_to_tensor", "layer_factors",
+    "load_checkpoint", "load_components", "load_image", "mask_to_image", "masks_from_latents", "no_progress",
+    "overlay", "parse_concepts", "require_number", "require_seed", "resolve_device", "resolve_dtype", "run_command", "run_demo",
+    "safe_name", "save_checkpoint", "save_image", "save_mask_outputs", "set_lora_strength", "tensor_to_image",
+    "to_kohya", "write_json",
+]

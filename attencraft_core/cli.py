@@ -7,8 +7,24 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from .concept_file import ConceptSet
+from .concepts import parse_concepts
+from .demo import check_demo_settings, run_demo
+from .devices import resolve_device, resolve_dtype
 from .errors import AttenCraftError
+from .generation import check_settings, generate
+from .images import load_image
+from .masks import extract_masks
+from .model_loading import load_components
+from .options import add_arguments, from_arguments
+from .outputs import ensure_out_dir, safe_name, save_image, save_mask_outputs
 from .progress import ProgressBars
+from .settings import MaskOptions, TrainOptions
+from .training import Trainer
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,56 +43,18 @@ def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines; results and errors only")
 
 
-def _add_mask_args(p: argparse.ArgumentParser, seed_flag: str = "--seed") -> None:
-    from .masks import MaskOptions
-
-    d = MaskOptions()
-    p.add_argument(seed_flag, dest="mask_seed", type=int, default=d.seed,
-                   help=f"seed of the mask timestep and noise (default {d.seed})")
-    p.add_argument("--t-min", type=int, default=d.t_min, help=f"smallest timestep drawn (default {d.t_min})")
-    p.add_argument("--t-max", type=int, default=d.t_max,
-                   help=f"timesteps are drawn from [t-min, t-max) (default {d.t_max})")
-    p.add_argument("--threshold", type=float, default=d.threshold,
-                   help=f"margin tau by which a concept's map must beat every other map (default {d.threshold})")
-    p.add_argument("--affinity-power", type=int, default=d.affinity_power,
-                   help=f"matrix power of the self-attention affinity (default {d.affinity_power})")
-    p.add_argument("--cross-factor", type=int, default=d.cross_factor,
-                   help=f"cross-attention layers at latent/FACTOR are used (default {d.cross_factor}: 16x16 at 512 px)")
-    p.add_argument("--self-factor", type=int, default=d.self_factor,
-                   help=f"self-attention layers at latent/FACTOR are used (default {d.self_factor}: 32x32 at 512 px)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="square side in px the image is resized to (default: the model's own, 512 for SD 1.5)")
-
-
-def _mask_options(args):
-    from .masks import MaskOptions
-
-    return MaskOptions(seed=args.mask_seed, t_min=args.t_min, t_max=args.t_max, threshold=args.threshold,
-                       affinity_power=args.affinity_power, cross_factor=args.cross_factor,
-                       self_factor=args.self_factor, resolution=args.resolution)
-
-
 def _load(args, progress, train: bool = False):
     """Load --model on --device; training keeps fp32 master weights (--precision then sets autocast)."""
-    import torch
-
-    from .devices import resolve_device, resolve_dtype
-    from .model_loading import load_components
-
     device = resolve_device(args.device)
     dtype = torch.float32 if train else resolve_dtype(args.precision, device)
     return load_components(args.model, device, dtype, progress=progress)
 
 
 def cmd_masks(args) -> int:
-    from .concepts import parse_concepts
-    from .images import load_image
-    from .masks import extract_masks
-    from .outputs import ensure_out_dir, save_mask_outputs
-
     concepts = parse_concepts(args.concepts)
     image, notes = load_image(args.image)
-    opts = _mask_options(args)
+    opts = from_arguments(MaskOptions, args, prefix="mask_")
+    opts.check()
     out = ensure_out_dir(args.out)
     with ProgressBars(args.quiet) as bars:
         comps = _load(args, bars)
@@ -97,37 +75,31 @@ def cmd_masks(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .concepts import parse_concepts
-    from .images import load_image
-    from .outputs import ensure_out_dir, safe_name
-    from .training import Trainer, TrainOptions
+def mask_paths(values: list[str]) -> list[str]:
+    """--masks values: each an existing path (commas allowed in it) or a comma-separated list of paths."""
+    paths = []
+    for value in values:
+        paths += [value] if Path(value).exists() else [m.strip() for m in value.split(",") if m.strip()]
+    return paths
 
+
+def class_image_files(folder: str) -> list[Path]:
+    if not Path(folder).is_dir():
+        raise AttenCraftError(f"--class-images {folder} is not a folder: give a folder of PNG/JPEG/WebP images, "
+                              "or leave it out to generate them.")
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise AttenCraftError(f"No PNG/JPEG/WebP images in --class-images {folder}.")
+    return files
+
+
+def cmd_train(args) -> int:
     concepts = parse_concepts(args.concepts)
     image, notes = load_image(args.image)
-    user_masks = None
-    if args.masks:
-        paths = [m.strip() for m in args.masks.split(",") if m.strip()]
-        user_masks = [load_image(p)[0].convert("L") for p in paths]
-    class_imgs = None
-    if args.class_images:
-        if not Path(args.class_images).is_dir():
-            raise AttenCraftError(f"--class-images {args.class_images} is not a folder: give a folder of PNG/JPEG/"
-                                  "WebP images, or leave it out to generate them.")
-        files = sorted(p for p in Path(args.class_images).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
-        if not files:
-            raise AttenCraftError(f"No PNG/JPEG/WebP images in --class-images {args.class_images}.")
-        class_imgs = [load_image(p)[0] for p in files]
-    opts = TrainOptions(
-        steps=args.steps, lr=args.lr, embedding_lr=args.embedding_lr, weight_decay=args.weight_decay,
-        rank=args.rank, alpha=args.alpha, targets=args.targets, policy=args.policy, seed=args.seed,
-        masked_loss=not args.no_masked_loss, unmasked_term=args.unmasked_term,
-        loss_mask_margin=args.loss_mask_margin, attention_weight=args.attention_weight,
-        prior_weight=args.prior_weight, class_prompt=args.class_prompt,
-        num_class_images=args.num_class_images, class_steps=args.class_steps, refresh_every=args.refresh_every,
-        ssim_min=args.ssim_min, checkpoint_every=args.checkpoint_every, two_phase=args.two_phase,
-        phase1_steps=args.phase1_steps, phase1_lr=args.phase1_lr, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, resolution=args.resolution, masks=_mask_options(args))
+    user_masks = [load_image(p)[0].convert("L") for p in mask_paths(args.masks)] if args.masks else None
+    class_imgs = [load_image(p)[0] for p in class_image_files(args.class_images)] if args.class_images else None
+    opts = from_arguments(TrainOptions, args, precision=args.precision,
+                          masks=from_arguments(MaskOptions, args, prefix="mask_"))
     opts.check()
     out = ensure_out_dir(args.out)
     with ProgressBars(args.quiet) as bars:
@@ -146,10 +118,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .concept_file import ConceptSet
-    from .generation import check_settings, generate
-    from .outputs import ensure_out_dir, save_image
-
     check_settings(args.count, args.seed, args.steps, args.cfg, args.resolution, args.strength)
     concept_set = ConceptSet.load(args.concepts)
     concept_set.check_prompt(args.prompt)
@@ -168,10 +136,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import check_demo_settings, run_demo
-    from .images import load_image
-    from .training import TrainOptions
-
     check_demo_settings(args.images, args.seed)
     opts = TrainOptions(steps=args.steps, seed=args.seed)
     opts.check()
@@ -202,11 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='comma-separated word per concept, at least two, e.g. "cat,dog"; each word also '
                         "initialises its placeholder token <c0>, <c1>, ...")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    _add_mask_args(p)
+    add_arguments(p, MaskOptions, prefix="mask_")
     p.set_defaults(func=cmd_masks)
 
-    from .training import TrainOptions
-    d = TrainOptions()
     p = sub.add_parser("train", help="learn the concepts of one image (LoRA + concept embeddings)",
                        description="Train concept embeddings and a LoRA with AttenCraft's masked and attention "
                                    "losses. Writes <name>.safetensors (concept set), <name>_lora_kohya.safetensors, "
@@ -216,54 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="the image showing all concepts")
     p.add_argument("--concepts", required=True, help='comma-separated word per concept, e.g. "cat,dog"')
     p.add_argument("--out", required=True, help="output folder (created if missing)")
-    p.add_argument("--masks", default=None,
-                   help="comma-separated mask images, one per concept in order (white = concept); skips extraction")
+    p.add_argument("--masks", nargs="+", default=None, metavar="MASK",
+                   help="your mask images, one per concept in order (white = concept, any size), as separate "
+                        "paths or one comma-separated list; skips extraction")
     p.add_argument("--name", default="attencraft", help="base name of the files written (default attencraft)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
-    p.add_argument("--embedding-lr", type=float, default=None, help="learning rate of the embeddings (default --lr)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"AdamW weight decay, LoRA weights only (default {d.weight_decay})")
-    p.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: equal to the rank)")
-    p.add_argument("--targets", default=d.targets, choices=["kv", "qkvo", "attn", "all"],
-                   help="LoRA layers: kv = cross-attention key/value (default, as the paper), qkvo = all "
-                        "cross-attention projections, attn = self and cross attention, all = attention + feed-forward")
-    p.add_argument("--policy", default=d.policy, choices=["adaptive", "uniform", "union"],
-                   help="concept sampling: adaptive (by attention scores, default), uniform, union (Break-A-Scene)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"training seed (default {d.seed})")
-    p.add_argument("--no-masked-loss", action="store_true", help="use the plain diffusion loss on the whole image")
-    p.add_argument("--unmasked-term", action="store_true",
-                   help="add the full-image loss to the masked loss (half each, as the reference code)")
-    p.add_argument("--loss-mask-margin", type=int, default=d.loss_mask_margin,
-                   help="grow each concept's mask by this many latent pixels in the masked loss, not into another "
-                        f"concept's mask (default {d.loss_mask_margin})")
-    p.add_argument("--attention-weight", type=float, default=d.attention_weight,
-                   help=f"weight of the cross-attention JSD loss, 0 disables it (default {d.attention_weight})")
-    p.add_argument("--prior-weight", type=float, default=d.prior_weight,
-                   help=f"weight of prior preservation, 0 disables it (default {d.prior_weight})")
-    p.add_argument("--class-prompt", default=d.class_prompt, help=f"prior prompt (default {d.class_prompt!r})")
     p.add_argument("--class-images", default=None,
                    help="folder of class images; default: generate them with the base model once and cache them")
-    p.add_argument("--num-class-images", type=int, default=d.num_class_images,
-                   help=f"class images to generate (default {d.num_class_images})")
-    p.add_argument("--class-steps", type=int, default=d.class_steps,
-                   help=f"sampling steps for generated class images (default {d.class_steps})")
-    p.add_argument("--cache-dir", default=None, help="cache of class images (default $ATTENCRAFT_CACHE or ~/.cache/attencraft)")
-    p.add_argument("--refresh-every", type=int, default=d.refresh_every,
-                   help=f"re-derive masks every N steps, 0 = never (default {d.refresh_every})")
-    p.add_argument("--ssim-min", type=float, default=d.ssim_min,
-                   help=f"a refreshed mask is kept only with SSIM >= this vs the previous one (default {d.ssim_min})")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help=f"write checkpoint.safetensors every N steps (default {d.checkpoint_every})")
+    p.add_argument("--cache-dir", default=None, help="cache of class images (default $ATTENCRAFT_CACHE or "
+                                                     "~/.cache/attencraft)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.safetensors in --out")
-    p.add_argument("--two-phase", action="store_true",
-                   help="first train embeddings only at --phase1-lr, then LoRA + embeddings (Break-A-Scene)")
-    p.add_argument("--phase1-steps", type=int, default=d.phase1_steps,
-                   help=f"steps of phase 1 with --two-phase (default {d.phase1_steps})")
-    p.add_argument("--phase1-lr", type=float, default=d.phase1_lr, help=f"phase-1 learning rate (default {d.phase1_lr})")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    _add_mask_args(p, seed_flag="--mask-seed")
+    add_arguments(p, TrainOptions)
+    add_arguments(p, MaskOptions, prefix="mask_", skip=("resolution",), flags={"seed": "--mask-seed"})
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate images with a trained concept set",
@@ -292,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="the image showing all concepts")
     p.add_argument("--concepts", required=True, help='comma-separated word per concept, e.g. "cat,dog"')
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
+    p.add_argument("--steps", type=int, default=TrainOptions.steps, help=f"training steps (default "
+                                                                           f"{TrainOptions.steps})")
     p.add_argument("--images", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.set_defaults(func=cmd_demo)

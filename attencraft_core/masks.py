@@ -17,44 +17,7 @@ from .errors import AttenCraftError
 from .images import image_to_tensor
 from .model_loading import SDComponents
 from .progress import Progress, no_progress
-from .validation import require_number, require_seed
-
-
-@dataclass
-class MaskOptions:
-    """Settings of mask extraction; the defaults are the paper's."""
-
-    seed: int = 0
-    t_min: int = 0
-    t_max: int = 300
-    threshold: float = 0.1
-    affinity_power: int = 4
-    cross_factor: int = 4
-    self_factor: int = 2
-    resolution: int | None = None  # square side the image is resized to; None = the model's own
-
-    def check_numbers(self) -> None:
-        """Every setting a finite number in its range (what can be checked without the model)."""
-        require_seed("Mask setting seed", self.seed)
-        for name in ("t_min", "t_max", "affinity_power", "cross_factor", "self_factor"):
-            require_number(f"Mask setting {name}", getattr(self, name), 1 if name.endswith(("power", "factor")) else 0,
-                           None, integer=True)
-        require_number("Mask setting threshold", self.threshold, 0, 1)
-        if self.resolution is not None:
-            require_number("Mask setting resolution", self.resolution, 8, 8192, integer=True)
-            if self.resolution % 8:
-                raise AttenCraftError(f"Mask setting resolution must be a multiple of 8, got {self.resolution}.")
-
-    def check(self, num_train_timesteps: int) -> None:
-        self.check_numbers()
-        if not 0 <= self.t_min < self.t_max <= num_train_timesteps:
-            raise AttenCraftError(
-                f"Timestep range [{self.t_min}, {self.t_max}) is invalid: need 0 <= min < max <= "
-                f"{num_train_timesteps}. The default [0, 300) works well.")
-        if not 0 <= self.threshold < 1:
-            raise AttenCraftError(f"Threshold {self.threshold} must be in [0, 1); the default is 0.1.")
-        if self.affinity_power < 1:
-            raise AttenCraftError("The affinity power must be at least 1 (default 4).")
+from .settings import MaskOptions
 
 
 # A region under this share of the attention grid is "low" confidence. On 261 masks of the toy world's held-out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -24,80 +23,12 @@ from .errors import AttenCraftError
 from .images import image_to_tensor
 from .lora import add_lora, copy_lora_weights, lora_parameters, lora_state_dict
 from .losses import attention_loss, masked_diffusion_loss, ssim
-from .masks import MaskOptions, concept_attention, masks_from_latents
+from .masks import concept_attention, masks_from_latents
 from .model_loading import SDComponents
 from .outputs import ensure_out_dir, write_json
 from .progress import Progress, no_progress
 from .sampling import ConceptSampler
-from .validation import require_number, require_seed
-
-@dataclass
-class TrainOptions:
-    """Training settings; defaults follow the paper's reference code."""
-
-    steps: int = 500
-    lr: float = 1e-4
-    embedding_lr: float | None = None  # None: same as lr
-    weight_decay: float = 1e-2         # LoRA weights only
-    max_grad_norm: float = 1.0
-    rank: int = 16
-    alpha: float | None = None         # None: equal to the rank
-    targets: str = "kv"
-    policy: str = "adaptive"
-    all_share: float = 1 / 3
-    seed: int = 0
-    masked_loss: bool = True
-    unmasked_term: bool = False
-    loss_mask_margin: int = 0          # latent pixels the masked loss's mask is grown by (not into other concepts)
-    attention_weight: float = 1.0
-    prior_weight: float = 1.0
-    class_prompt: str = "a photo at the beach"
-    num_class_images: int = 8
-    class_steps: int = 25
-    refresh_every: int = 20            # 0 disables mask refresh
-    ssim_min: float = 0.8
-    checkpoint_every: int = 100
-    two_phase: bool = False
-    phase1_steps: int = 100            # embeddings only, at phase1_lr
-    phase1_lr: float = 5e-4
-    precision: str = "fp32"            # autocast on an accelerator: bf16 / fp16; fp32 on the CPU
-    gradient_checkpointing: bool = False
-    resolution: int | None = None
-    masks: MaskOptions = field(default_factory=MaskOptions)
-
-    # name: (low, high, low bound excluded, whole number); None values (defaults taken from elsewhere) are skipped
-    RANGES: ClassVar[dict] = {
-        "steps": (1, None, False, True), "lr": (0, None, True, False), "embedding_lr": (0, None, True, False),
-        "weight_decay": (0, None, False, False), "max_grad_norm": (0, None, True, False),
-        "rank": (1, 1024, False, True), "alpha": (0, None, True, False), "all_share": (0, 1, True, False),
-        "loss_mask_margin": (0, None, False, True), "attention_weight": (0, None, False, False),
-        "prior_weight": (0, None, False, False), "num_class_images": (0, 10_000, False, True),
-        "class_steps": (1, 1000, False, True), "refresh_every": (0, None, False, True),
-        "ssim_min": (-1, 1, False, False), "checkpoint_every": (1, None, False, True),
-        "phase1_steps": (1, None, False, True), "phase1_lr": (0, None, True, False),
-        "resolution": (8, 8192, False, True)}
-
-    def check(self, native_resolution: int | None = None) -> None:
-        """Refuse inconsistent settings; `native_resolution` is the model's (what an unset resolution means)."""
-        for name, (low, high, low_open, integer) in self.RANGES.items():
-            value = getattr(self, name)
-            if value is not None:
-                require_number(f"Training setting {name}", value, low, high, low_open, integer)
-        require_seed("Training setting seed", self.seed)
-        if self.resolution is not None and self.resolution % 8:
-            raise AttenCraftError(f"Training setting resolution must be a multiple of 8, got {self.resolution}.")
-        self.masks.check_numbers()
-        if self.two_phase and not 0 < self.phase1_steps < self.steps:
-            raise AttenCraftError(f"With two phases, phase-1 steps ({self.phase1_steps}) must be between 1 and "
-                                  f"steps - 1 ({self.steps - 1}).")
-        resolution = self.resolution or native_resolution
-        if self.masks.resolution is not None and self.masks.resolution != resolution:
-            raise AttenCraftError(f"Training extracts its masks from the training image at the training resolution "
-                                  f"({resolution or 'the model default'}), not at {self.masks.resolution} px: "
-                                  f"set the training resolution instead, or leave the masks' resolution unset.")
-        if self.prior_weight > 0 and self.num_class_images < 1:
-            raise AttenCraftError("Prior preservation needs at least one class image (or --prior-weight 0).")
-
+from .settings import TrainOptions
 
 @dataclass
 class TrainResult:

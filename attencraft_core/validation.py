@@ -19,12 +19,17 @@ def require_number(name: str, value, low: float | None = None, high: float | Non
         raise AttenCraftError(f"{name} must be a finite number, got {value}.")
     bounds = []
     if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        bounds.append(f"{'>' if low_open else '>='} {shown(low)}")
     if high is not None:
-        bounds.append(f"<= {high:g}")
+        bounds.append(f"<= {shown(high)}")
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):
-        raise AttenCraftError(f"{name} must be {' and '.join(bounds)}, got {value:g}.")
+        raise AttenCraftError(f"{name} must be {' and '.join(bounds)}, got {shown(value)}.")
+
+
+def shown(x: float) -> str:
+    """A bound or value as a person writes it: 1000000 -> "1000000", 0.0001 -> "0.0001"."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e18 else f"{x:g}"
 
 
 def require_seed(name: str, value) -> None:

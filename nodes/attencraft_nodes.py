@@ -1,5 +1,6 @@
-"""The AttenCraft nodes in ComfyUI's V3 schema. Heavy imports (torch, diffusers, the core) happen inside
-execute(), so that the pack loads, and a missing requirement is a node error, not an import failure."""
+"""The AttenCraft nodes in ComfyUI's V3 schema: plumbing over the core's API. Their setting inputs are built from
+the core's settings (one definition of each default, range and help). diffusers, transformers and peft are only
+imported inside execute(), so that the pack loads and a missing requirement is a node error."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import os
 
 from comfy_api.latest import ComfyExtension, io, ui
 
+from ..attencraft_core.api import MaskOptions, TrainOptions, settings_of, value_type
+
 CATEGORY = "AttenCraft"
 Concepts = io.Custom("ATTENCRAFT_CONCEPTS")
 ConceptSetType = io.Custom("ATTENCRAFT_CONCEPT_SET")
 SETS_FOLDER = "attencraft"
 NO_FILE = "(none: use the concept_set input)"
+SEED_MAX = 2**31 - 1  # the seed widgets' range in the bundled workflows
 
 
 def _require_dependencies() -> None:
@@ -52,16 +56,23 @@ def _checkpoint_inputs(image_tooltip: str) -> list:
     ]
 
 
+def _setting_input(cls, name: str, input_name: str | None = None, **overrides):
+    """A node input for one of the core's settings: default, range or choices and tooltip from its definition."""
+    f = {f.name: f for f in settings_of(cls)}[name]
+    meta, default = f.metadata, getattr(cls(), name)
+    options = {"default": default, "tooltip": meta["help"][0].upper() + meta["help"][1:] + ".", **overrides}
+    if meta["choices"]:
+        return io.Combo.Input(input_name or name, options=list(meta["choices"]), **options)
+    options = {"min": meta["low"], "max": meta["high"], **options}
+    return (io.Int if value_type(f) is int else io.Float).Input(input_name or name, **options)
+
+
 def _mask_inputs() -> list:
     return [
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                     tooltip="Seed of the timestep and noise of the one mask-initialization step."),
-        io.Int.Input("t_min", default=0, min=0, max=999, tooltip="Smallest timestep drawn (default 0)."),
-        io.Int.Input("t_max", default=300, min=1, max=1000,
-                     tooltip="Timesteps are drawn from [t_min, t_max); low noise keeps the objects visible."),
-        io.Float.Input("threshold", default=0.1, min=0.0, max=0.99, step=0.01,
-                       tooltip="Margin by which a concept's attention must beat every other map (and the "
-                               "background) for a pixel to join its mask."),
+        _setting_input(MaskOptions, "seed", max=SEED_MAX),
+        _setting_input(MaskOptions, "t_min", max=999),
+        _setting_input(MaskOptions, "t_max", max=1000),
+        _setting_input(MaskOptions, "threshold", step=0.01),
     ]
 
 
@@ -114,14 +125,11 @@ class TrainLoRA(io.ComfyNode):
                         "and models/attencraft/<name>.safetensors.",
             inputs=[
                 *_checkpoint_inputs("The image showing every concept."),
-                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Training steps (paper: 500)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-1, step=1e-5,
-                               tooltip="AdamW learning rate for LoRA and embeddings (paper: 1e-4)."),
-                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (alpha = rank)."),
-                io.Combo.Input("sampling_policy", options=["adaptive", "uniform", "union"], default="adaptive",
-                               tooltip="adaptive: show the concept the model attends to less more often; uniform: "
-                                       "equal shares; union: Break-A-Scene's random subsets."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Training seed."),
+                _setting_input(TrainOptions, "steps"),
+                _setting_input(TrainOptions, "lr", "learning_rate", min=1e-7, step=1e-5),
+                _setting_input(TrainOptions, "rank", max=256),
+                _setting_input(TrainOptions, "policy", "sampling_policy"),
+                _setting_input(TrainOptions, "seed", max=SEED_MAX),
                 io.String.Input("name", default="attencraft_concepts",
                                 tooltip="Base name of the files written (letters, digits, space, - _ .)."),
                 Concepts.Input("concepts", optional=True,
@@ -132,10 +140,7 @@ class TrainLoRA(io.ComfyNode):
                 io.Image.Input("prior_images", optional=True,
                                tooltip="Class images for prior preservation; if empty, generated once with the "
                                        "base model and cached."),
-                io.Int.Input("loss_mask_margin", default=0, min=0, max=32, optional=True,
-                             tooltip="Grow the masked loss's masks by this many latent pixels (never into another "
-                                     "concept's mask), so object outlines the coarse attention masks miss are "
-                                     "learned too. 0 = the paper."),
+                _setting_input(TrainOptions, "loss_mask_margin", optional=True),
             ],
             outputs=[
                 ConceptSetType.Output(display_name="concept_set", tooltip="The trained concepts, for Apply Concepts."),

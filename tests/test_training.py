@@ -385,12 +385,12 @@ def test_unwritable_output_folder(tiny, tmp_path):
 
 
 def test_steps_below_one(tiny, tmp_path):
-    with pytest.raises(AttenCraftError, match="steps must be >= 1, got 0"):
+    with pytest.raises(AttenCraftError, match="steps must be >= 1 and <= 1000000, got 0"):
         make_trainer(tiny, tmp_path, steps=0)
 
 
 def test_a_negative_loss_mask_margin_is_refused(tiny, tmp_path):
-    with pytest.raises(AttenCraftError, match="loss_mask_margin must be >= 0, got -1"):
+    with pytest.raises(AttenCraftError, match="loss_mask_margin must be >= 0 and <= 64, got -1"):
         make_trainer(tiny, tmp_path, loss_mask_margin=-1)
 
 

@@ -32,7 +32,7 @@ class DemoResult:
 def demo_prompts(placeholders: list[str]) -> list[str]:
     """Each concept alone, all together, and each in a new context."""
     return ([concepts_prompt([p]) for p in placeholders] + [concepts_prompt(placeholders)]
-            + [f"a photo of {p} on the beach" for p in placeholders])
+            + [concepts_prompt([p], "a photo of {} on the beach") for p in placeholders])
 
 
 def contact_sheet(rows: list[tuple[str, list[Image.Image]]], tile: int = 128) -> Image.Image:

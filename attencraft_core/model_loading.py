@@ -13,6 +13,15 @@ from .errors import AttenCraftError
 from .progress import Progress, no_progress
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, steps_offset=1)  # Stable Diffusion 1.x/2.x's training schedule
+
+
+def sd_noise_scheduler(prediction_type: str = "epsilon"):
+    """A DDPM scheduler with Stable Diffusion's training noise schedule."""
+    from diffusers import DDPMScheduler  # on use: the ComfyUI nodes import the core when ComfyUI starts
+
+    return DDPMScheduler(**SD_NOISE_SCHEDULE, prediction_type=prediction_type)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from attencraft_core.api import SDComponents
+from attencraft_core.api import SDComponents, sd_noise_scheduler
 
 BASE_WORDS = ("a", "photo", "of", "and", "at", "the", "beach", "on", "in", "with", "cat", "dog", "bird",
               "teddy", "bear", "ball", "red", "blue", "green", "circle", "star", "square", "background")
@@ -79,7 +79,7 @@ def build_word_tokenizer(words=BASE_WORDS, max_length: int = 77):
 def build_tiny_components(seed: int = 0, text_dim: int = 32, prediction_type: str = "epsilon",
                           sample_size: int = 32, words=BASE_WORDS) -> SDComponents:
     """A random SD-style set: 64 px images, 32x32 latents, cross/self-attention at every UNet level but the last."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -97,8 +97,7 @@ def build_tiny_components(seed: int = 0, text_dim: int = 32, prediction_type: st
         vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    scheduler = sd_noise_scheduler(prediction_type)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source="tiny")

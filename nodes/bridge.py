@@ -12,9 +12,7 @@ import os
 
 import torch
 
-from ..attencraft_core.api import AttenCraftError, SDComponents
-
-SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+from ..attencraft_core.api import AttenCraftError, SDComponents, sd_noise_scheduler
 
 
 def unet_config_to_diffusers(unet_config: dict, sample_size: int = 64) -> dict:
@@ -135,7 +133,6 @@ def vae_from_comfy(vae, scale_factor: float, device: torch.device):
 def components_from_comfy(model, clip, vae):
     """The core's SDComponents from ComfyUI objects, on ComfyUI's torch device, fp32, free of inference mode."""
     import comfy.model_management as mm
-    from diffusers import DDPMScheduler
 
     mm.unload_all_models()  # ComfyUI's copies leave the device; patches are restored before we read weights
     mm.soft_empty_cache()
@@ -147,6 +144,6 @@ def components_from_comfy(model, clip, vae):
                               f"{text_encoder.config.hidden_size} vs UNet context {unet.config.cross_attention_dim}).")
     scale = float(getattr(model.model.latent_format, "scale_factor", 0.18215))
     vae_module = vae_from_comfy(vae, scale, device)
-    scheduler = DDPMScheduler(**SD_BETAS, prediction_type=prediction, clip_sample=False, steps_offset=1)
+    scheduler = sd_noise_scheduler(prediction)
     name = getattr(model.model.model_config, "__class__", type(None)).__name__
     return SDComponents(unet, vae_module, text_encoder, tokenizer, scheduler, source=f"comfyui:{name}")

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attencraft_core.api import (AttenCraftError, Concept, ConceptSet, MaskOptions, ensure_rgb, extract_masks,
-                                   overlay, parse_concepts)
+from ..attencraft_core.api import (AttenCraftError, Concept, ConceptSet, MaskOptions, concepts_prompt, ensure_rgb,
+                                   extract_masks, overlay, parse_concepts)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
 
@@ -125,8 +125,8 @@ def prompt_syntax(concept_set: ConceptSet, name: str) -> str:
     names = embedding_names(name, len(concept_set.concepts))
     lines = [f"{c.placeholder} ({c.word}): embedding:{n}" for c, n in zip(concept_set.concepts, names)]
     lines.append("")
-    lines += [f"a photo of embedding:{n} on the beach" for n in names]
-    lines.append("a photo of " + " and ".join(f"embedding:{n}" for n in names))
+    lines += [concepts_prompt([f"embedding:{n}"], "a photo of {} on the beach") for n in names]
+    lines.append(concepts_prompt([f"embedding:{n}" for n in names]))
     lines.append("(put a space or the start of the prompt before each embedding:, not a comma)")
     return "\n".join(lines)
 

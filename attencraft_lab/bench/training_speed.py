@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from attencraft_core.api import (AttenCraftError, MaskOptions, SDComponents, Trainer, TrainOptions,
-                                  add_concept_tokens, encode_prompts, masks_from_latents, parse_concepts,
-                                  resolve_device)
+                                  add_concept_tokens, concepts_prompt, encode_prompts, masks_from_latents, parse_concepts,
+                                  resolve_device, sd_noise_scheduler)
 
 from ..machine import machine_description
 from ..tiny_models import build_word_tokenizer
@@ -35,7 +35,7 @@ SHAPES = {
 
 def build(family: str, resolution: int) -> SDComponents:
     """SD-shaped random components: full-size UNet and text encoder, a small VAE with the SD latent layout."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     shape = dict(SHAPES[family])
@@ -50,7 +50,7 @@ def build(family: str, resolution: int) -> SDComponents:
                                         num_hidden_layers=text_layers, num_attention_heads=text_heads,
                                         max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sched = sd_noise_scheduler()
     for m in (unet, vae, text):
         m.requires_grad_(False).eval()
     return SDComponents(unet, vae, text, tokenizer, sched, source=f"random-{family}")
@@ -104,7 +104,7 @@ def main() -> None:
     # mask extraction vs one UNet forward (batch 1, fp32)
     add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
     latents = torch.randn(1, 4, args.resolution // 8, args.resolution // 8, device=device)
-    emb = encode_prompts(comps, ["a photo of <c0> and <c1>"])
+    emb = encode_prompts(comps, [concepts_prompt(["<c0>", "<c1>"])])
     t = torch.tensor([100], device=device)
 
     def forward():
@@ -149,7 +149,7 @@ def main() -> None:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=1e-4)
         with torch.no_grad():
-            text = encode_prompts(comps_v, ["a photo of <c0> and <c1>", "a photo at the beach"])
+            text = encode_prompts(comps_v, [concepts_prompt(["<c0>", "<c1>"]), opts.class_prompt])
         lat = torch.randn(2, 4, args.resolution // 8, args.resolution // 8, device=device)
 
         def plain_step():

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from attencraft_core.api import concepts_prompt
+
 from .judge import analyse
 from .world import SIZE, SceneObject
 
@@ -57,13 +59,13 @@ def context_object(objects: list[SceneObject]) -> SceneObject:
 
 def context_prompt(placeholder: str, context: SceneObject) -> str:
     """The prompt that draws a concept beside the context object."""
-    return f"a photo of {placeholder} and a {context.words()}"
+    return concepts_prompt([placeholder, f"a {context.words()}"])
 
 
 def evaluation_prompts(placeholders: list[str], context: SceneObject | None = None) -> list[str]:
     """The prompts a toy evaluation judges: each concept alone, all of them together, and (given a context object)
     each beside it."""
-    prompts = [f"a photo of {p}" for p in placeholders] + ["a photo of " + " and ".join(placeholders)]
+    prompts = [concepts_prompt([p]) for p in placeholders] + [concepts_prompt(placeholders)]
     return prompts + ([context_prompt(p, context) for p in placeholders] if context is not None else [])
 
 

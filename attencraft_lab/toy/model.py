@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from attencraft_core.api import SDComponents, TrainOptions
+from attencraft_core.api import SDComponents, TrainOptions, sd_noise_scheduler
 
 from ..tiny_models import build_word_tokenizer
 from .world import VOCABULARY
@@ -22,7 +22,7 @@ TEXT_DIM = 64
 
 def build_toy_components(seed: int = 0) -> SDComponents:
     """Untrained components with the toy model's architecture."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -39,8 +39,7 @@ def build_toy_components(seed: int = 0) -> SDComponents:
         vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    scheduler = sd_noise_scheduler()
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source="toy")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from . import mask_math
 from .attention import AttentionStore, capture_attention, map_side
@@ -20,12 +20,13 @@ from .concept_file import ConceptSet
 from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positions
 from .encoding import encode_images, encode_prompts
 from .errors import AttenCraftError
-from .images import image_to_tensor
+from .generation import class_images as make_class_images
+from .images import image_to_tensor, mask_to_image
 from .lora import add_lora, copy_lora_weights, lora_parameters, lora_state_dict
 from .losses import attention_loss, masked_diffusion_loss, ssim
 from .masks import concept_attention, masks_from_latents
 from .model_loading import SDComponents
-from .outputs import ensure_out_dir, write_json
+from .outputs import ensure_out_dir, safe_name, save_image, write_json
 from .progress import Progress, no_progress
 from .sampling import ConceptSampler
 from .settings import TrainOptions
@@ -62,8 +63,82 @@ def prepare_user_masks(masks: list, concepts: list[Concept], size: tuple[int, in
     return torch.stack(out), notes
 
 
+@dataclass
+class TrainingInputs:
+    """What training reads: the placeholder token ids, the image's latents, the prior images' latents (None
+    without prior preservation), the masks [N, h, w] at attention resolution and their attention scores [N]."""
+
+    token_ids: list[int]
+    latents: torch.Tensor
+    class_latents: torch.Tensor | None
+    masks: torch.Tensor
+    scores: torch.Tensor
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_inputs(comps: SDComponents, image: Image.Image, concepts: list[Concept], opts: TrainOptions,
+                   user_masks: list | None = None, class_images: list[Image.Image] | None = None,
+                   cache_dir: str | Path | None = None, log=print, progress: Progress = no_progress) -> TrainingInputs:
+    """Add the concept tokens, encode the image (and the prior images, generated and cached when not given), and
+    take the user's masks or extract them; the scores are each token's attention inside its mask."""
+    resolution = opts.resolution or comps.native_resolution
+    token_ids = add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
+    latents = encode_images(comps, image_to_tensor(image, resolution))
+    class_latents = None
+    if opts.prior_weight > 0:
+        if class_images is None:
+            log(f"class images: {opts.num_class_images} x {opts.class_prompt!r} (cached)")
+            class_images = make_class_images(comps, opts.class_prompt, opts.num_class_images, resolution,
+                                             opts.class_steps, cache_dir, progress)
+        class_latents = torch.cat([encode_images(comps, image_to_tensor(im, resolution)) for im in class_images])
+    generator = torch.Generator().manual_seed(opts.masks.seed)
+    if user_masks is None:
+        result = masks_from_latents(comps, latents, concepts, opts.masks, generator, progress)
+        return TrainingInputs(token_ids, latents, class_latents, result.masks_lowres, result.scores)
+    attention, _, _ = concept_attention(comps, latents, concepts, opts.masks, generator)
+    masks, notes = prepare_user_masks(user_masks, concepts, attention.shape[-2:])
+    return TrainingInputs(token_ids, latents, class_latents, masks, mask_math.attention_scores(attention[1:], masks),
+                          notes)
+
+
+@dataclass
+class Trainables:
+    """What training changes: the placeholder rows of the token-embedding table (a gradient hook keeps every other
+    row fixed) and the LoRA, with their optimizer. `release` undoes the training state."""
+
+    embedding: torch.nn.Parameter
+    lora: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    hook: torch.utils.hooks.RemovableHandle
+
+    def release(self, unet) -> None:
+        self.hook.remove()
+        self.embedding.requires_grad_(False)
+        for p in self.lora:
+            p.requires_grad_(False)
+        unet.eval()
+
+
+def attach_trainables(comps: SDComponents, token_ids: list[int], opts: TrainOptions) -> Trainables:
+    """Seeded LoRA on the UNet's target layers, trainable placeholder rows, and AdamW (weight decay on LoRA only)."""
+    add_lora(comps.unet, opts.rank, opts.alpha, opts.targets, seed=opts.seed)
+    if opts.gradient_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+        comps.unet.train()
+    embedding = comps.text_encoder.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    keep = torch.zeros(embedding.shape[0], 1, dtype=torch.bool, device=embedding.device)
+    keep[token_ids] = True
+    hook = embedding.register_hook(lambda grad: grad * keep)  # only placeholder rows learn
+    lora = lora_parameters(comps.unet)
+    optimizer = torch.optim.AdamW([{"params": lora, "weight_decay": opts.weight_decay, "name": "lora"},
+                                   {"params": [embedding], "weight_decay": 0.0, "name": "embeddings"}])
+    return Trainables(embedding, lora, optimizer, hook)
+
+
 class Trainer:
-    """One training run. Build it, then call run(); everything is seeded and resumable."""
+    """One training run. Build it (inputs prepared, trainables attached), then call run(); everything is seeded
+    and resumable."""
 
     def __init__(self, comps: SDComponents, image: Image.Image, concepts: list[Concept], out_dir: str | Path,
                  opts: TrainOptions | None = None, user_masks: list | None = None,
@@ -72,56 +147,22 @@ class Trainer:
         """`callback(step, steps, record, ratios)` after each step (may raise TrainingCancelled); `progress` is
         told each long phase: class images, masks, training (with loss and sampling ratios)."""
         self.opts = opts or TrainOptions()
-        self.progress = progress
         self.opts.check(comps.native_resolution)
-        self.comps, self.concepts, self.callback, self.log = comps, concepts, callback, log
+        self.comps, self.concepts, self.callback, self.log, self.progress = comps, concepts, callback, log, progress
         self.out = ensure_out_dir(out_dir)
         self.device = comps.device
-        self.events: list[str] = []
         self.history: list[dict] = []
         self.start_step = 0
-        resolution = self.opts.resolution or comps.native_resolution
-
-        self.token_ids = add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
-        self.latents = encode_images(comps, image_to_tensor(image, resolution))
-        if self.opts.prior_weight > 0:
-            if class_images is None:
-                from .generation import class_images as make_class_images
-                log(f"class images: {self.opts.num_class_images} x {self.opts.class_prompt!r} (cached)")
-                class_images = make_class_images(comps, self.opts.class_prompt, self.opts.num_class_images,
-                                                 resolution, self.opts.class_steps, cache_dir, progress)
-            self.class_latents = torch.cat([encode_images(comps, image_to_tensor(im, resolution))
-                                            for im in class_images])
+        inputs = prepare_inputs(comps, image, concepts, self.opts, user_masks, class_images, cache_dir, log, progress)
+        self.token_ids, self.latents, self.class_latents = inputs.token_ids, inputs.latents, inputs.class_latents
+        self.masks, self.scores, self.events = inputs.masks, inputs.scores, list(inputs.notes)
         self.generator = torch.Generator().manual_seed(self.opts.seed)
-
-        opts_m = self.opts.masks
-        if user_masks is not None:
-            attention, _, _ = concept_attention(comps, self.latents, concepts, opts_m,
-                                                torch.Generator().manual_seed(opts_m.seed))
-            self.masks, notes = prepare_user_masks(user_masks, concepts, attention.shape[-2:])
-            self.scores = mask_math.attention_scores(attention[1:], self.masks)
-            self.events += notes
-        else:
-            result = masks_from_latents(comps, self.latents, concepts, opts_m,
-                                        torch.Generator().manual_seed(opts_m.seed), progress)
-            self.masks, self.scores = result.masks_lowres, result.scores
         self.sampler = ConceptSampler(len(concepts), self.opts.policy, self.opts.all_share, self.opts.seed)
         self.sampler.set_scores(self.scores)
         self._event(f"masks ready; sampling ratios {self.sampler.ratios()}")
-
-        add_lora(comps.unet, self.opts.rank, self.opts.alpha, self.opts.targets, seed=self.opts.seed)
-        if self.opts.gradient_checkpointing:
-            comps.unet.enable_gradient_checkpointing()
-            comps.unet.train()
-        self.embedding = comps.text_encoder.get_input_embeddings().weight
-        self.embedding.requires_grad_(True)
-        keep = torch.zeros(self.embedding.shape[0], 1, dtype=torch.bool, device=self.embedding.device)
-        keep[self.token_ids] = True
-        self._hook = self.embedding.register_hook(lambda grad: grad * keep)  # only placeholder rows learn
-        self.lora = lora_parameters(comps.unet)
-        self.optimizer = torch.optim.AdamW([
-            {"params": self.lora, "weight_decay": self.opts.weight_decay, "name": "lora"},
-            {"params": [self.embedding], "weight_decay": 0.0, "name": "embeddings"}])
+        self.trainables = attach_trainables(comps, self.token_ids, self.opts)
+        self.embedding, self.lora, self.optimizer = (self.trainables.embedding, self.trainables.lora,
+                                                     self.trainables.optimizer)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _event(self, text: str, step: int | None = None) -> None:
@@ -319,35 +360,30 @@ class Trainer:
                 if self.callback:
                     self.callback(done, o.steps, record, ratios)
         finally:
-            self._hook.remove()
-            self.embedding.requires_grad_(False)
-            for p in self.lora:
-                p.requires_grad_(False)
-            self.comps.unet.eval()
+            self.trainables.release(self.comps.unet)
         result = TrainResult(self.concept_set(), self.history, self.events)
-        result.files = self.write_outputs(result, name, time.perf_counter() - started)
+        result.files = write_outputs(self.out, name, result, self.masks, self.sampler.ratios(),
+                                     time.perf_counter() - started)
         return result
 
-    def write_outputs(self, result: TrainResult, name: str, seconds: float) -> dict[str, Path]:
-        from .images import mask_to_image
-        from .outputs import safe_name, save_image
 
-        files = result.concept_set.export(self.out, name)
-        for i, (concept, mask) in enumerate(zip(self.concepts, self.masks)):
-            files[f"mask_{i}"] = save_image(self.out / f"{name}_mask_{i}_{safe_name(concept.word)}.png",
-                                            mask_to_image(mask))
-        files["loss_curve"] = save_image(self.out / f"{name}_loss.png", loss_curve(self.history))
-        files["log"] = write_json(self.out / f"{name}_train.json", {
-            "concepts": [{"word": c.word, "placeholder": c.placeholder} for c in self.concepts],
-            "seconds": round(seconds, 2), "events": self.events, "history": self.history,
-            "final_sampling_ratios": self.sampler.ratios()})
-        return files
+def write_outputs(out: Path, name: str, result: TrainResult, masks: torch.Tensor, ratios: dict,
+                  seconds: float) -> dict[str, Path]:
+    """The run's files in `out`: the concept set and its exports, the final masks, the loss curve and the log."""
+    concepts = result.concept_set.concepts
+    files = result.concept_set.export(out, name)
+    for i, (concept, mask) in enumerate(zip(concepts, masks)):
+        files[f"mask_{i}"] = save_image(out / f"{name}_mask_{i}_{safe_name(concept.word)}.png", mask_to_image(mask))
+    files["loss_curve"] = save_image(out / f"{name}_loss.png", loss_curve(result.history))
+    files["log"] = write_json(out / f"{name}_train.json", {
+        "concepts": [{"word": c.word, "placeholder": c.placeholder} for c in concepts],
+        "seconds": round(seconds, 2), "events": result.events, "history": result.history,
+        "final_sampling_ratios": ratios})
+    return files
 
 
 def loss_curve(history: list[dict], size: tuple[int, int] = (640, 360)) -> Image.Image:
     """A PNG-ready plot of the total loss per step (grey) and its running mean (blue)."""
-    from PIL import ImageDraw
-
     width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)

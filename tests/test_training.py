@@ -17,11 +17,13 @@ from attencraft_core import AttenCraftError, parse_concepts
 from attencraft_core.checkpoint import load_checkpoint, save_checkpoint
 from attencraft_core.cli import main
 from attencraft_core.concept_file import ConceptSet, embedding_key
+from attencraft_core.concepts import add_concept_tokens
 from attencraft_core.generation import class_images, generate
 from attencraft_core.lora import from_kohya, lora_deltas, set_lora_strength
 from attencraft_core.outputs import atomic_write
 from attencraft_lab.tiny_models import build_tiny_components
-from attencraft_core.training import Trainer, TrainingCancelled, TrainOptions
+from attencraft_core.training import (Trainer, TrainingCancelled, TrainOptions, attach_trainables,
+                                      prepare_inputs)
 from conftest import quadrant_blobs, two_object_array
 
 WORDS = "cat, dog, bird"
@@ -78,6 +80,31 @@ def test_training_changes_every_lora_weight_and_every_concept_embedding_and_noth
                   if "token_embedding" not in k})
     for key, value in state.items():
         assert torch.equal(value, frozen[key]), f"base weight {key} changed"
+
+
+def test_inputs_are_prepared_on_their_own(tiny):
+    """prepare_inputs: tokens added, latents and prior latents encoded, the user's masks at attention resolution
+    with their scores; no LoRA is attached yet."""
+    concepts = parse_concepts("cat, dog")
+    inputs = prepare_inputs(tiny, scene(), concepts, TrainOptions(), user_masks=user_masks(2),
+                            class_images=class_imgs())
+    assert len(inputs.token_ids) == 2 and inputs.latents.shape[0] == 1 and inputs.class_latents.shape[0] == 1
+    assert inputs.masks.dtype == torch.bool and inputs.masks.shape == (2, 16, 16) and inputs.scores.shape == (2,)
+    assert not any("lora_" in n for n, _ in tiny.unet.named_parameters())
+    no_prior = prepare_inputs(tiny, scene(), concepts, TrainOptions(prior_weight=0), user_masks=user_masks(2))
+    assert no_prior.class_latents is None
+
+
+def test_trainables_attach_and_release(tiny):
+    token_ids = add_concept_tokens(tiny.tokenizer, tiny.text_encoder, parse_concepts("cat, dog"))
+    trainables = attach_trainables(tiny, token_ids, TrainOptions(rank=2))
+    assert trainables.lora and all(p.requires_grad for p in trainables.lora) and trainables.embedding.requires_grad
+    trainables.embedding.sum().backward()  # the hook keeps every row but the placeholders'
+    grad = trainables.embedding.grad
+    assert grad[token_ids].abs().sum() > 0 and grad.abs().sum() == grad[token_ids].abs().sum()
+    trainables.release(tiny.unet)
+    assert not trainables.embedding.requires_grad and not any(p.requires_grad for p in trainables.lora)
+    assert not tiny.unet.training
 
 
 def test_outputs_and_file_formats(tiny, tmp_path):

@@ -1,4 +1,8 @@
-"""LoRA adapters on the UNet (PEFT) and their kohya-format export, which ComfyUI and A1111 load."""
+"""LoRA adapters on the UNet (PEFT) and their kohya-format export, which ComfyUI and A1111 load.
+
+peft and diffusers are imported where used: the ComfyUI pack imports the core's API when ComfyUI starts, and a
+missing package must then be a node error, not a pack that fails to load (tests/test_repository.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -47,23 +51,27 @@ def lora_parameters(unet) -> list[torch.nn.Parameter]:
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """{"<module path>.lora_A.weight"|"...lora_B.weight": tensor} without the adapter name."""
-    out = {}
-    for name, param in unet.named_parameters():
-        if "lora_" in name:
-            out[name.replace(f".{ADAPTER}", "")] = param.detach().float().cpu().contiguous()
-    return out
+    """{"<module path>.lora_A.weight"|"...lora_B.weight": float32 CPU tensor}, PEFT's own state dict of the adapter."""
+    from peft import get_peft_model_state_dict  # on use, as every diffusers/peft import reachable from api.py
+
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
 def copy_lora_weights(unet, state: dict[str, torch.Tensor]) -> None:
-    """Copy a lora_state_dict into the UNet's existing adapter; every key must match."""
-    params = dict(unet.named_parameters())
+    """Load a lora_state_dict into the UNet's existing adapter (PEFT's set_peft_model_state_dict); every key and
+    shape must match the adapter, or nothing is loaded."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict  # on use (see lora_state_dict)
+
+    current = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    for key, value in state.items():
+        if key not in current or current[key].shape != value.shape:
+            raise AttenCraftError(f"LoRA weight {key} does not fit this model (another base model or rank?).")
+    missing = sorted(set(current) - set(state))
+    if missing:
+        raise AttenCraftError(f"The LoRA weights lack {len(missing)} of this adapter's tensors (e.g. {missing[0]}).")
     with torch.no_grad():
-        for key, value in state.items():
-            name = key.replace(".lora_A.", f".lora_A.{ADAPTER}.").replace(".lora_B.", f".lora_B.{ADAPTER}.")
-            if name not in params or params[name].shape != value.shape:
-                raise AttenCraftError(f"LoRA weight {key} does not fit this model (another base model or rank?).")
-            params[name].copy_(value)
+        set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
 
 
 def load_lora_state_dict(unet, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: str) -> None:
@@ -91,14 +99,12 @@ def kohya_name(module_path: str) -> str:
 
 
 def to_kohya(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """PEFT keys -> `lora_unet_<path>.lora_down.weight / .lora_up.weight / .alpha` (alpha = the real lora_alpha)."""
-    out = {}
-    for key, value in state.items():
-        path, kind = re.match(r"(.*)\.lora_([AB])\.weight$", key).groups()
-        base = kohya_name(path)
-        out[f"{base}.lora_down.weight" if kind == "A" else f"{base}.lora_up.weight"] = value
-        out[f"{base}.alpha"] = torch.tensor(float(alpha))
-    return out
+    """PEFT keys -> `lora_unet_<path>.lora_down.weight / .lora_up.weight / .alpha` with diffusers'
+    convert_state_dict_to_kohya, then the real lora_alpha (that function writes the rank as alpha)."""
+    from diffusers.utils import convert_state_dict_to_kohya  # on use (see lora_state_dict)
+
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+    return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in kohya.items()}
 
 
 def from_kohya(kohya: dict[str, torch.Tensor], module_paths: list[str]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -91,3 +91,15 @@ def test_readme_states_the_hostile_input_case_count():
     collected = int(re.search(r"(\d+) tests? collected", run.stdout).group(1))
     stated = re.search(r"Hostile and broken input is covered by (\d+) test cases", (ROOT / "README.md").read_text())
     assert stated and int(stated.group(1)) == collected, (stated and stated.group(1), collected)
+
+
+def test_the_core_api_loads_without_diffusers_peft_or_transformers():
+    """The pack imports the API when ComfyUI starts; a missing requirement must be a node error, not a pack that
+    fails to load, so importing the API must not import them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, attencraft_core.api; "
+            "print(sorted(m for m in ('diffusers', 'peft', 'transformers') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout

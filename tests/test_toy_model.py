@@ -283,3 +283,15 @@ def test_a_mask_never_vanishes_at_image_size(words):
     assert any("attention-resolution region" in note for note in result.notes)
     assert result.confidence(0)["level"] == "low"  # a few attention pixels: the user is told
 
+
+
+def test_min_snr_weights_follow_their_definition():
+    """min(SNR, 5) / SNR with SNR = alpha_bar / (1 - alpha_bar), now from diffusers' compute_snr."""
+    from attencraft_core.api import sd_noise_scheduler
+    from attencraft_lab.toy.train import min_snr_weights
+
+    scheduler, t = sd_noise_scheduler(), torch.arange(0, 1000, 7)
+    alpha_bar = scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    torch.testing.assert_close(min_snr_weights(scheduler, t), snr.clamp(max=5.0) / snr, rtol=1e-5, atol=0)
+    assert min_snr_weights(scheduler, t)[0] < 0.01 and min_snr_weights(scheduler, t)[-1] == 1.0

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from tqdm import tqdm
 
 from attencraft_core.api import (AttentionStore, atomic_write, capture_attention, encode_images, load_components,
@@ -171,9 +172,9 @@ def reconstruction_loss(recon: torch.Tensor, pixels: torch.Tensor) -> torch.Tens
 
 
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample epsilon-loss weights min(SNR, gamma) / SNR (Hang et al., 2023): less weight on nearly clean steps."""
-    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
-    snr = alpha_bar / (1 - alpha_bar)
+    """Per-sample epsilon-loss weights min(SNR, gamma) / SNR (Hang et al., 2023): less weight on nearly clean steps;
+    the SNR is diffusers' compute_snr."""
+    snr = compute_snr(scheduler, t)
     return snr.clamp(max=gamma) / snr
 
 

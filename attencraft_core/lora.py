@@ -1,7 +1,7 @@
 """LoRA adapters on the UNet (PEFT) and their kohya-format export, which ComfyUI and A1111 load.
 
 peft and diffusers are imported where used: the ComfyUI pack imports the core's API when ComfyUI starts, and a
-missing package must then be a node error, not a pack that fails to load (tests/test_repository.py checks it).
+missing package must then be a node error, not a pack that fails to load (tests/unit/test_repository.py checks it).
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
 """Shared fixtures: tiny SD-style models built from configs; no network, no model hub."""
 
 import os
+from types import SimpleNamespace
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from attencraft_core.api import Trainer, TrainOptions, parse_concepts  # noqa: E402
 from attencraft_lab.tiny_models import build_tiny_components, save_components  # noqa: E402
+from helpers import class_image, quadrant_blobs, scene_image, two_object_array  # noqa: E402
 
 
 @pytest.fixture
@@ -26,15 +28,6 @@ def tiny_model_dir(tmp_path_factory):
     return save_components(build_tiny_components(seed=0), tmp_path_factory.mktemp("tiny_model"))
 
 
-def two_object_array(size: int = 64) -> np.ndarray:
-    """A grey scene with a red square top-left and a blue square bottom-right."""
-    a = np.full((size, size, 3), 200, np.uint8)
-    s = size // 64
-    a[8 * s:28 * s, 6 * s:26 * s] = (220, 30, 30)
-    a[36 * s:58 * s, 36 * s:60 * s] = (30, 30, 220)
-    return a
-
-
 @pytest.fixture
 def scene_png(tmp_path):
     path = tmp_path / "scene.png"
@@ -45,16 +38,6 @@ def scene_png(tmp_path):
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
-
-
-def quadrant_blobs(side: int, n: int) -> torch.Tensor:
-    """[n, side, side] disjoint square blobs in the four quadrants (order: TL, BR, TR, BL)."""
-    q = side // 2
-    corners = [(0, 0), (q, q), (0, q), (q, 0)]
-    blobs = torch.zeros(n, side, side)
-    for k, (y, x) in enumerate(corners[:n]):
-        blobs[k, y + q // 4: y + q - q // 4, x + q // 4: x + q - q // 4] = 1
-    return blobs
 
 
 @pytest.fixture
@@ -93,3 +76,16 @@ def planted_attention(monkeypatch):
         return quadrant_blobs(16, n).bool()
 
     return plant
+
+
+@pytest.fixture(scope="session")
+def trained_pair(tmp_path_factory):
+    """One training run shared by the tests that only need a trained concept set: 2 concepts ("cat, dog") with
+    the user's masks, LoRA rank 4, alpha 6, 4 steps, on the tiny model. `comps` are the trained components,
+    `result` the TrainResult, `out` its folder. Read them; never change them."""
+    comps = build_tiny_components(seed=0)
+    out = tmp_path_factory.mktemp("trained_pair")
+    opts = TrainOptions(steps=4, checkpoint_every=2, refresh_every=0, rank=4, alpha=6.0)
+    trainer = Trainer(comps, scene_image(), parse_concepts("cat, dog"), out, opts,
+                      user_masks=list(quadrant_blobs(64, 2)), class_images=[class_image()], log=lambda line: None)
+    return SimpleNamespace(comps=comps, result=trainer.run("pair"), out=out, token_ids=trainer.token_ids)

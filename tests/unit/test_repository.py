@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_block(marker: str) -> str:
@@ -85,7 +85,7 @@ def test_readme_states_the_hostile_input_case_count():
     import subprocess
     import sys
 
-    files = ["tests/test_hostile_input.py", "tests/test_headless_client.py"]
+    files = ["tests/unit/test_hostile_input.py", "tests/unit/test_headless_client.py"]
     run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *files], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     collected = int(re.search(r"(\d+) tests? collected", run.stdout).group(1))

@@ -20,7 +20,7 @@ from attencraft_core.concept_file import ConceptSet
 from attencraft_core.concepts import Concept
 from attencraft_core.outputs import atomic_write, safe_name
 from attencraft_lab.__main__ import main as lab_main
-from conftest import quadrant_blobs
+from helpers import quadrant_blobs
 
 TRAIN = [
     (["--lr", "nan"], "lr must be a finite number"),

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from attencraft_core.checkpoint import load_checkpoint
 from comfy_support import ROOT, ComfyServer, build_sd15_checkpoint, comfy_dir
-from conftest import two_object_array
+from helpers import two_object_array
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")]

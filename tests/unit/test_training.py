@@ -24,13 +24,13 @@ from attencraft_core.outputs import atomic_write
 from attencraft_lab.tiny_models import build_tiny_components
 from attencraft_core.training import (Trainer, TrainingCancelled, TrainOptions, attach_trainables,
                                       prepare_inputs)
-from conftest import quadrant_blobs, two_object_array
+from helpers import class_image, quadrant_blobs, scene_image
 
 WORDS = "cat, dog, bird"
 
 
 def scene():
-    return Image.fromarray(two_object_array())
+    return scene_image()
 
 
 def user_masks(n):
@@ -38,7 +38,7 @@ def user_masks(n):
 
 
 def class_imgs():
-    return [Image.fromarray(two_object_array()[::-1].copy())]
+    return [class_image()]
 
 
 def make_trainer(comps, out, n=2, callback=None, masks="user", **options):
@@ -107,25 +107,25 @@ def test_trainables_attach_and_release(tiny):
     assert not tiny.unet.training
 
 
-def test_outputs_and_file_formats(tiny, tmp_path):
-    result = make_trainer(tiny, tmp_path, rank=4, alpha=8.0).run("pair")
+def test_outputs_and_file_formats(trained_pair):
+    result = trained_pair.result
     files = result.files
     for key in ("concepts", "lora_kohya", "<c0>", "<c1>", "loss_curve", "log", "mask_0", "mask_1"):
         assert files[key].is_file(), key
-    assert (tmp_path / "checkpoint.safetensors").is_file()
+    assert (trained_pair.out / "checkpoint.safetensors").is_file()
     kohya = load_file(files["lora_kohya"])
     downs = [k for k in kohya if k.endswith(".lora_down.weight")]
     assert downs and all(k.startswith("lora_unet_") for k in kohya)
     for k in downs:
         base = k[: -len(".lora_down.weight")]
-        assert float(kohya[f"{base}.alpha"]) == 8.0  # the real alpha, not the rank (4)
+        assert float(kohya[f"{base}.alpha"]) == 6.0  # the real alpha, not the rank (4)
         assert kohya[k].shape[0] == 4 and f"{base}.lora_up.weight" in kohya
     emb = load_file(files["<c1>"])
     assert list(emb) == [embedding_key("custom-32")] and emb["emb_params"].shape == (1, 32)
     assert embedding_key("sd1") == "clip_l" and embedding_key("sd2") == "clip_h"
     loaded = ConceptSet.load(files["concepts"])
     assert [c.word for c in loaded.concepts] == ["cat", "dog"] and loaded.family == "custom-32"
-    assert loaded.masks.shape == (2, 16, 16) and loaded.alpha == 8.0 and loaded.rank == 4
+    assert loaded.masks.shape == (2, 16, 16) and loaded.alpha == 6.0 and loaded.rank == 4
     assert loaded.training["steps"] == 4 and loaded.training["policy"] == "adaptive"
     torch.testing.assert_close(loaded.embeddings, result.concept_set.embeddings)
     log = json.loads(files["log"].read_text())
@@ -133,8 +133,8 @@ def test_outputs_and_file_formats(tiny, tmp_path):
     assert Image.open(files["loss_curve"]).size == (640, 360)
 
 
-def test_kohya_export_loads_back_to_the_same_deltas(tiny, tmp_path):
-    result = make_trainer(tiny, tmp_path, rank=4, alpha=6.0).run("k")
+def test_kohya_export_loads_back_to_the_same_deltas(trained_pair):
+    result, tiny = trained_pair.result, trained_pair.comps
     kohya = load_file(result.files["lora_kohya"])
     paths = [n for n, _ in tiny.unet.named_modules()]
     state, alphas = from_kohya(kohya, paths)
@@ -150,8 +150,8 @@ def test_kohya_export_loads_back_to_the_same_deltas(tiny, tmp_path):
     torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ original[path].T, atol=1e-5, rtol=1e-4)
 
 
-def test_strength_scales_the_lora_weight_change_like_comfyui(tiny, tmp_path):
-    result = make_trainer(tiny, tmp_path, rank=4, alpha=6.0).run("s")
+def test_strength_scales_the_lora_weight_change_like_comfyui(trained_pair):
+    result = trained_pair.result
     concept_set = ConceptSet.load(result.files["concepts"])
     generator = torch.Generator().manual_seed(0)  # four steps barely move B from zero: a clearly visible change
     concept_set.lora = {k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in concept_set.lora.items()}
@@ -169,10 +169,10 @@ def test_strength_scales_the_lora_weight_change_like_comfyui(tiny, tmp_path):
         set_lora_strength(build_tiny_components(seed=0).unet, 0.5)
 
 
-def test_save_load_generate_gives_identical_images(tiny, tmp_path):
-    result = make_trainer(tiny, tmp_path).run("g")
+def test_save_load_generate_gives_identical_images(trained_pair):
+    result = trained_pair.result
     prompt = "a photo of <c1> on the beach"
-    trained = generate(tiny, [prompt], seed=3, steps=2)[0]
+    trained = generate(trained_pair.comps, [prompt], seed=3, steps=2)[0]
     fresh = build_tiny_components(seed=0)
     ConceptSet.load(result.files["concepts"]).apply(fresh)
     again = generate(fresh, [prompt], seed=3, steps=2)[0]
@@ -385,21 +385,21 @@ def test_all_zero_mask_is_refused(tiny, tmp_path):
                 class_images=class_imgs(), log=lambda s: None)
 
 
-def test_concept_file_from_another_family_is_refused(tiny, tmp_path):
-    result = make_trainer(tiny, tmp_path).run("fam")
+def test_concept_file_from_another_family_is_refused(trained_pair):
+    result = trained_pair.result
     other = build_tiny_components(text_dim=48)
     with pytest.raises(AttenCraftError, match="trained on a custom-32 model but the model given is custom-48"):
         ConceptSet.load(result.files["concepts"]).apply(other)
 
 
-def test_prompt_with_an_undefined_placeholder(tiny, tmp_path):
-    result = make_trainer(tiny, tmp_path).run("p")
+def test_prompt_with_an_undefined_placeholder(trained_pair):
+    result = trained_pair.result
     with pytest.raises(AttenCraftError, match="uses <c2>, which this concept file does not define"):
         ConceptSet.load(result.files["concepts"]).check_prompt("a photo of <c2> and <c0>")
 
 
-def test_not_a_concept_file(tiny, tmp_path):
-    result = make_trainer(tiny, tmp_path).run("n")
+def test_not_a_concept_file(trained_pair):
+    result = trained_pair.result
     with pytest.raises(AttenCraftError, match="not an AttenCraft concept file"):
         ConceptSet.load(result.files["lora_kohya"])
 

@@ -15,7 +15,7 @@ from attencraft_core.images import load_image
 from attencraft_core import mask_math
 from attencraft_core.masks import MaskOptions, MaskResult, extract_masks, masks_from_latents, upsample_masks
 from attencraft_core.model_loading import load_components
-from conftest import two_object_array
+from helpers import two_object_array
 
 WORDS = ["cat", "dog", "bird", "ball"]
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_support import load_pack
-from conftest import quadrant_blobs, two_object_array
+from helpers import quadrant_blobs, two_object_array
 
 load_pack()
 from attencraft_pack.attencraft_core.attention import AttentionStore  # noqa: E402

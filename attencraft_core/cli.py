@@ -229,7 +229,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Run a parsed command (its `func`): a user-fixable error is one `error:` line and status 2, Ctrl-C 130.
     With `quiet`, the libraries' own loading bars are off too. Shared with `python -m attencraft_lab`."""
     if getattr(args, "quiet", False):
-        from diffusers.utils import logging as diffusers_logging
+        from diffusers.utils import logging as diffusers_logging  # on use (see lora.py)
         from transformers.utils import logging as transformers_logging
 
         diffusers_logging.disable_progress_bar()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .concepts import tokenize_prompt
 from .errors import AttenCraftError
 from .images import load_image
 from .model_loading import SDComponents
@@ -19,7 +20,7 @@ from .validation import require_number, require_seed
 
 def make_pipeline(comps: SDComponents):
     """A diffusers StableDiffusionPipeline over the same modules, with a DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # on use (see lora.py)
 
     pipe = StableDiffusionPipeline(
         vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
@@ -49,8 +50,6 @@ def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int 
              progress: Progress = no_progress) -> list[Image.Image]:
     """One image per prompt; image i uses seed + i, so results do not depend on batch composition.
     `progress` is told ("generating", sampling steps done, len(prompts) x steps)."""
-    from .concepts import tokenize_prompt
-
     check_settings(len(prompts), seed, steps, cfg, resolution)
     for prompt in prompts:
         tokenize_prompt(comps.tokenizer, prompt)  # readable error for over-long prompts

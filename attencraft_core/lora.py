@@ -24,7 +24,7 @@ TARGETS = {
 
 def add_lora(unet, rank: int = 16, alpha: float | None = None, targets: str = "kv", seed: int = 0) -> None:
     """Wrap the target layers with trainable LoRA (base weights stay frozen); alpha defaults to the rank."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # on use (see the module docstring)
 
     if targets not in TARGETS:
         raise AttenCraftError(f"Unknown LoRA targets {targets!r}: use one of {', '.join(TARGETS)}.")
@@ -85,7 +85,7 @@ def load_lora_state_dict(unet, state: dict[str, torch.Tensor], rank: int, alpha:
 
 def set_lora_strength(unet, strength: float) -> None:
     """Scale the adapter's weight change by `strength` (1 = as trained), what ComfyUI's LoRA strength does."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # on use (see the module docstring)
 
     layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     if not layers:

@@ -134,7 +134,7 @@ def check_loaded_weights(name: str, folder: Path, module: torch.nn.Module) -> No
 def quiet_library_logs():
     """diffusers/transformers list every unexpected key of a mismatched file (thousands of lines); our own
     check_loaded_weights says it in one line instead."""
-    from diffusers.utils import logging as diffusers_logging
+    from diffusers.utils import logging as diffusers_logging  # on use (see lora.py)
     from transformers.utils import logging as transformers_logging
 
     levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
@@ -151,7 +151,7 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, progress: Progress = no_progress) -> SDComponents:
     """Load UNet, VAE, CLIP text encoder, tokenizer and a DDPM noise scheduler, offline; `progress` is told
     ("loading <folder>", parts loaded, 5)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # on use (see lora.py)
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = check_model_dir(model_dir)

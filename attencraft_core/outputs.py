@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import AttenCraftError
+from .images import mask_to_image, overlay
 
 
 MAX_NAME = 64  # characters of a slug; a longer one is cut and gets a short hash, so names stay distinct
@@ -93,8 +94,6 @@ def save_image(path: str | Path, image) -> Path:
 
 def save_mask_outputs(out_dir: str | Path, image, result) -> dict:
     """mask_<i>_<word>.png per concept, overlay.png and masks.json in `out_dir`; returns the JSON written."""
-    from .images import mask_to_image, overlay
-
     out = ensure_out_dir(out_dir)
     files = []
     for i, (concept, mask) in enumerate(zip(result.concepts, result.masks)):

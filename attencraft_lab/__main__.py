@@ -7,10 +7,11 @@ import argparse
 
 from attencraft_core.api import ProgressBars, run_command
 
+from .demo import run_toy_demo
+from .tiny_models import build_tiny_components, save_components
+
 
 def cmd_demo(args) -> int:
-    from .demo import run_toy_demo
-
     with ProgressBars(args.quiet) as bars:
         report = run_toy_demo(args.out, steps=args.steps, images_per_prompt=args.images, seed=args.seed,
                               model_dir=args.model, log=bars.log, progress=bars)
@@ -21,8 +22,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from .tiny_models import build_tiny_components, save_components
-
     out = save_components(build_tiny_components(seed=args.seed), args.out)
     print(f"wrote a random tiny SD-style model to {out} (for smoke runs; its masks mean nothing)")
     return 0

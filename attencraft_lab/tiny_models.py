@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from attencraft_core.api import SDComponents, sd_noise_scheduler
 
@@ -52,8 +54,6 @@ def bpe_merges(words) -> list[tuple[str, str]]:
 
 def build_word_tokenizer(words=BASE_WORDS, max_length: int = 77):
     """A CLIPTokenizer whose BPE merges make each given word one token; other words split into pieces."""
-    from transformers import CLIPTokenizer
-
     vocab: dict[str, int] = {}
 
     def add(token: str) -> None:
@@ -79,9 +79,6 @@ def build_word_tokenizer(words=BASE_WORDS, max_length: int = 77):
 def build_tiny_components(seed: int = 0, text_dim: int = 32, prediction_type: str = "epsilon",
                           sample_size: int = 32, words=BASE_WORDS) -> SDComponents:
     """A random SD-style set: 64 px images, 32x32 latents, cross/self-attention at every UNet level but the last."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(words)
     unet = UNet2DConditionModel(

@@ -1,15 +1,27 @@
 """The AttenCraft nodes in ComfyUI's V3 schema: plumbing over the core's API. Their setting inputs are built from
-the core's settings (one definition of each default, range and help). diffusers, transformers and peft are only
-imported inside execute(), so that the pack loads and a missing requirement is a node error."""
+the core's settings (one definition of each default, range and help). The core imports diffusers, transformers
+and peft only where it uses them, so the pack loads without them and a missing one is a node error."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
+import comfy.lora
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
 from comfy_api.latest import ComfyExtension, io, ui
+from PIL import Image
 
-from ..attencraft_core.api import MaskOptions, TrainOptions, settings_of, value_type
+from ..attencraft_core.api import (AttenCraftError, ConceptSet, MaskOptions, Trainer, TrainOptions, settings_of,
+                                   to_kohya, value_type)
+from .bridge import components_from_comfy
+from .logic import (TrainedConcepts, check_lora_keys, check_name, comfy_file_paths, extract, image_from_comfy,
+                    image_to_comfy, images_from_comfy, prompt_syntax, training_inputs, write_comfy_files)
 
 CATEGORY = "AttenCraft"
 Concepts = io.Custom("ATTENCRAFT_CONCEPTS")
@@ -21,8 +33,6 @@ SEED_MAX = 2**31 - 1  # the seed widgets' range in the bundled workflows
 
 def _require_dependencies() -> None:
     """A readable node error when the pack's requirements are not installed in ComfyUI's Python."""
-    import importlib.util
-
     missing = [m for m in ("diffusers", "transformers", "peft", "safetensors") if importlib.util.find_spec(m) is None]
     if missing:
         raise RuntimeError(f"AttenCraft needs {', '.join(missing)}: run `pip install -r requirements.txt` from "
@@ -31,8 +41,6 @@ def _require_dependencies() -> None:
 
 def _register_folder() -> str:
     """models/attencraft holds the concept-set files; registered once with ComfyUI's folder_paths."""
-    import folder_paths
-
     if SETS_FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[SETS_FOLDER] = (
             [os.path.join(folder_paths.models_dir, SETS_FOLDER)], {".safetensors"})
@@ -40,8 +48,6 @@ def _register_folder() -> str:
 
 
 def _saved_sets() -> list[str]:
-    import folder_paths
-
     _register_folder()
     return [NO_FILE] + sorted(f for f in folder_paths.get_filename_list(SETS_FOLDER) if "class_images" not in f)
 
@@ -102,11 +108,6 @@ class ExtractConceptMasks(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, concepts, seed, t_min, t_max, threshold) -> io.NodeOutput:
         _require_dependencies()
-        import torch
-
-        from .bridge import components_from_comfy
-        from .logic import extract
-
         with torch.inference_mode(False):
             comps = components_from_comfy(model, clip, vae)
             masks, preview, value = extract(comps, image.clone(), concepts, seed, t_min, t_max, threshold)
@@ -155,17 +156,6 @@ class TrainLoRA(io.ComfyNode):
                 concepts=None, masks=None, concept_words="", prior_images=None,
                 loss_mask_margin=0) -> io.NodeOutput:
         _require_dependencies()
-        import comfy.model_management as mm
-        import comfy.utils
-        import folder_paths
-        import torch
-        from PIL import Image
-
-        from ..attencraft_core.api import Trainer, TrainOptions
-        from .bridge import components_from_comfy
-        from .logic import (TrainedConcepts, check_name, comfy_file_paths, image_from_comfy, image_to_comfy,
-                            images_from_comfy, training_inputs, write_comfy_files)
-
         name = check_name(name)
         sets_dir = _register_folder()
         with torch.inference_mode(False):
@@ -223,13 +213,6 @@ class ApplyConcepts(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, strength, saved_concept_set, concept_set=None) -> io.NodeOutput:
         _require_dependencies()
-        import comfy.lora
-        import comfy.sd
-        import folder_paths
-
-        from ..attencraft_core.api import AttenCraftError, ConceptSet, to_kohya
-        from .logic import TrainedConcepts, check_lora_keys, check_name, prompt_syntax
-
         _register_folder()
         if concept_set is None:
             if saved_concept_set == NO_FILE:

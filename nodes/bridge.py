@@ -2,7 +2,8 @@
 
 ComfyUI runs every prompt under torch.inference_mode() and its weights are inference tensors: everything
 here builds fresh modules inside inference_mode(False) from cloned state dicts, so training can take
-gradients and nothing ComfyUI passed in is touched. Imports comfy lazily (only inside ComfyUI).
+gradients and nothing ComfyUI passed in is touched. Imports comfy where used (the unit tests import this module
+without ComfyUI) and diffusers/transformers where used (a missing one is then a node error).
 """
 
 from __future__ import annotations

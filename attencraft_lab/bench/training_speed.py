@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from attencraft_core.api import (AttenCraftError, MaskOptions, SDComponents, Trainer, TrainOptions,
                                   add_concept_tokens, concepts_prompt, encode_prompts, masks_from_latents, parse_concepts,
@@ -35,9 +37,6 @@ SHAPES = {
 
 def build(family: str, resolution: int) -> SDComponents:
     """SD-shaped random components: full-size UNet and text encoder, a small VAE with the SD latent layout."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     shape = dict(SHAPES[family])
     text_layers, text_heads = shape.pop("text_layers"), shape.pop("text_heads")
     torch.manual_seed(0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from attencraft_core.api import SDComponents, TrainOptions, sd_noise_scheduler
 
@@ -22,9 +24,6 @@ TEXT_DIM = 64
 
 def build_toy_components(seed: int = 0) -> SDComponents:
     """Untrained components with the toy model's architecture."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(VOCABULARY + ("at", "the", "beach"), max_length=32)
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,

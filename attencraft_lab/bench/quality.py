@@ -43,7 +43,7 @@ from ..toy.world import SIZE, SceneObject, random_scene
 VARIANTS = {"full": {}, "no mask margin": {"loss_mask_margin": 0}, "no masked loss": {"masked_loss": False},
             "no attention loss": {"attention_weight": 0.0},
             "half-masked loss": {"unmasked_term": True},  # the reference code's loss; not in the defaults
-            "prior preservation": {"prior_weight": 1.0},  # the toy default until the tenth session; not in the defaults
+            "prior preservation": {"prior_weight": 1.0},  # the toy default once; not in the defaults
             "prior with 32 class images": {"prior_weight": 1.0, "num_class_images": 32},  # not in the defaults
             "LoRA rank 4": {"rank": 4}}  # not in the defaults
 

@@ -96,7 +96,7 @@ def class_image_files(folder: str) -> list[Path]:
 def cmd_train(args) -> int:
     concepts = parse_concepts(args.concepts)
     image, notes = load_image(args.image)
-    user_masks = [load_image(p)[0].convert("L") for p in mask_paths(args.masks)] if args.masks else None
+    user_masks = [load_image(p, min_side=1)[0].convert("L") for p in mask_paths(args.masks)] if args.masks else None
     class_imgs = [load_image(p)[0] for p in class_image_files(args.class_images)] if args.class_images else None
     opts = from_arguments(TrainOptions, args, precision=args.precision,
                           masks=from_arguments(MaskOptions, args, prefix="mask_"))
@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
                           cache_dir=args.cache_dir, log=bars.log, progress=bars)
         if args.resume:
             trainer.resume()
-        result = trainer.run(safe_name(args.name))
+        result = trainer.run(safe_name(args.name), replace=args.overwrite)
     print(f"final loss {result.history[-1]['loss']:.4f}" if result.history else "no step was run")
     for kind, path in result.files.items():
         print(f"{kind}: {path}")
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache of class images (default $ATTENCRAFT_CACHE or "
                                                      "~/.cache/attencraft)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint.safetensors in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of another run found in --out (without it such a folder is refused)")
     add_arguments(p, TrainOptions)
     add_arguments(p, MaskOptions, prefix="mask_", skip=("resolution",), flags={"seed": "--mask-seed"})
     p.set_defaults(func=cmd_train)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,10 @@ def parse_concepts(words: str | list[str]) -> list[Concept]:
         raise AttenCraftError(
             f"AttenCraft needs at least two concepts, got {len(names)} ({', '.join(names) or 'none'}). "
             "Name every object to learn, comma-separated, e.g. \"cat, dog\".")
+    placeholders = [n for n in names if re.fullmatch(r"<c\d+>", n)]
+    if placeholders:
+        raise AttenCraftError(f"{', '.join(placeholders)} is a placeholder name, not a word: name each concept with a "
+                              "word that describes it (e.g. \"cat\"); the placeholders <c0>, <c1>, ... are given.")
     lowered = [n.lower() for n in names]
     dupes = sorted({n for n in lowered if lowered.count(n) > 1})
     if dupes:

@@ -73,7 +73,7 @@ def run_demo(out_dir, comps: SDComponents, image: Image.Image, concepts: str | l
     masks = extract_masks(comps, image, concept_list, MaskOptions(seed=seed), progress=progress)
     log(f"training {options.steps} steps")
     trained = Trainer(comps, image, concept_list, out / "run", options, cache_dir=out / "cache", log=log,
-                      progress=progress).run("demo")
+                      progress=progress).run("demo", replace=True)  # the demo's own run folder
     prompts = prompts or demo_prompts([c.placeholder for c in concept_list])
     rows = [("input | overlay | masks", [image, overlay(image, masks.masks)] + [mask_to_image(m) for m in masks.masks])]
     generated = {}

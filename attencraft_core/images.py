@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,7 @@ EXIF_ORIENTATION = 0x0112
 MAX_IMAGE_SIDE = 8192  # larger images are refused before they are decoded (a decompression bomb is never expanded)
 
 
-def load_image(path: str | Path) -> tuple[Image.Image, list[str]]:
+def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE) -> tuple[Image.Image, list[str]]:
     """Open an image as RGB, turned upright by its EXIF orientation (as ComfyUI's Load Image does). Returns the
     image and notes (e.g. that an RGBA image was converted). Sizes are checked from the header before decoding."""
     path = Path(path)
@@ -42,7 +43,7 @@ def load_image(path: str | Path) -> tuple[Image.Image, list[str]]:
         raise AttenCraftError(f"{str(path)!r} is a damaged or malformed image ({type(exc).__name__}: {exc}). "
                               "Re-save it as PNG or JPEG.") from exc
     notes = [f"{path.name} was turned upright by its EXIF orientation ({orientation})."] if orientation != 1 else []
-    image, more = ensure_rgb(image, name=path.name)
+    image, more = ensure_rgb(image, name=path.name, min_side=min_side)
     return image, notes + more
 
 
@@ -53,7 +54,8 @@ def check_image_size(size: tuple[int, int], name: str) -> None:
                               f"{MAX_IMAGE_SIDE} px on each side. Scale it down first.")
 
 
-def ensure_rgb(image: Image.Image, name: str = "the image") -> tuple[Image.Image, list[str]]:
+def ensure_rgb(image: Image.Image, name: str = "the image",
+               min_side: int = MIN_IMAGE_SIDE) -> tuple[Image.Image, list[str]]:
     """Convert any mode to RGB (alpha flattened onto white) and check the size."""
     notes = []
     if image.mode != "RGB":
@@ -67,11 +69,18 @@ def ensure_rgb(image: Image.Image, name: str = "the image") -> tuple[Image.Image
         else:
             image = image.convert("RGB")
             notes.append(f"{name} was {original}; converted to RGB.")
-    if min(image.size) < MIN_IMAGE_SIDE:
+    if min(image.size) < min_side:
         raise AttenCraftError(
-            f"{name} is {image.size[0]}x{image.size[1]} px; AttenCraft needs at least {MIN_IMAGE_SIDE} px on "
+            f"{name} is {image.size[0]}x{image.size[1]} px; AttenCraft needs at least {min_side} px on "
             "each side (the model's own resolution, e.g. 512 px for SD, is best).")
     return image, notes
+
+
+def image_fingerprint(image: Image.Image) -> str:
+    """Short hash of an image's size, mode and pixels: tells two inputs apart."""
+    h = hashlib.sha256(f"{image.size}|{image.mode}|".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()[:16]
 
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:

@@ -85,7 +85,7 @@ def remove_stale_temporaries(path: str | Path) -> None:
 
 
 def write_json(path: str | Path, data) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=False)))
 
 
 def save_image(path: str | Path, image) -> Path:

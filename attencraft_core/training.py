@@ -3,6 +3,7 @@ mask refresh, atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,13 +22,15 @@ from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positi
 from .encoding import encode_images, encode_prompts
 from .errors import AttenCraftError
 from .generation import class_images as make_class_images
-from .images import image_to_tensor, mask_to_image
+from .generation import model_fingerprint
+from .images import image_fingerprint, image_to_tensor, mask_to_image
 from .lora import add_lora, copy_lora_weights, lora_parameters, lora_state_dict
 from .losses import attention_loss, masked_diffusion_loss, ssim
 from .masks import concept_attention, masks_from_latents
 from .model_loading import SDComponents
 from .outputs import ensure_out_dir, safe_name, save_image, write_json
 from .progress import Progress, no_progress
+from .run_folder import RunLock, earlier_run_files
 from .sampling import ConceptSampler
 from .settings import TrainOptions
 
@@ -160,6 +163,9 @@ class Trainer:
         self.sampler = ConceptSampler(len(concepts), self.opts.policy, self.opts.all_share, self.opts.seed)
         self.sampler.set_scores(self.scores)
         self._event(f"masks ready; sampling ratios {self.sampler.ratios()}")
+        # what a checkpoint must match to continue this run (computed before any weight is trained)
+        self.identity = {"model": model_fingerprint(comps), "image": image_fingerprint(image),
+                         "masks": hashlib.sha256(self.masks.cpu().numpy().tobytes()).hexdigest()[:16]}
         self.trainables = attach_trainables(comps, self.token_ids, self.opts)
         self.embedding, self.lora, self.optimizer = (self.trainables.embedding, self.trainables.lora,
                                                      self.trainables.optimizer)
@@ -183,6 +189,8 @@ class Trainer:
         sched = self.comps.noise_scheduler
         if sched.config.prediction_type == "v_prediction":
             return sched.get_velocity(latents, noise, t)
+        if sched.config.prediction_type == "sample":
+            return latents
         return noise
 
     def _autocast(self):
@@ -233,6 +241,9 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.lora + [self.embedding], o.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if not (all(torch.isfinite(p).all() for p in self.lora) and torch.isfinite(self.embedding[self.token_ids]).all()):
+            raise AttenCraftError(f"The trained weights became NaN or infinite at step {step + 1}: lower the learning "
+                                  "rate or use fp32. The last checkpoint is kept.")
         record = {"step": step + 1, "loss": float(total.detach()), "concepts": chosen,
                   **{k: float(v.detach()) for k, v in losses.items()}}
         self.history.append(record)
@@ -275,9 +286,11 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def _signature(self) -> dict:
-        """What must match for a checkpoint to continue this run."""
-        return {"concepts": [c.placeholder + "=" + c.word for c in self.concepts],
-                "options": {"seed": self.opts.seed, "rank": self.opts.rank, "targets": self.opts.targets}}
+        """What must match for a checkpoint to continue this run: the concepts, the base model, the image, the
+        initial masks and every option that changes the result (not steps or the checkpoint interval)."""
+        options = {k: v for k, v in asdict(self.opts).items() if k not in ("steps", "checkpoint_every")}
+        return {"concepts": [c.placeholder + "=" + c.word for c in self.concepts], **self.identity,
+                "options": options}
 
     def save_checkpoint(self, step: int) -> Path:
         """Write the resumable state (no pickle: safetensors + JSON metadata) atomically."""
@@ -299,9 +312,17 @@ class Trainer:
             return 0
         tensors, info = load_checkpoint(path)
         for key, expected in self._signature().items():
-            if info.get(key) != expected:
-                raise AttenCraftError(f"{path} belongs to another run ({key}: {info.get(key)} vs {expected}). "
-                                      "Use another --out folder, or the same settings.")
+            saved = info.get(key)
+            if saved == expected:
+                continue
+            if key == "options" and isinstance(saved, dict):
+                key = "options " + ", ".join(k for k in sorted(set(saved) | set(expected))
+                                             if saved.get(k) != expected.get(k))
+            elif key != "concepts":
+                saved, expected = "another", "this one"
+            raise AttenCraftError(f"{path} belongs to another run: its {key} differ ({saved} vs {expected}). "
+                                  "Resume with the same model, image, masks and settings, or use another output "
+                                  "folder.")
         try:
             lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
             if set(lora) != set(lora_state_dict(self.comps.unet)):
@@ -337,7 +358,26 @@ class Trainer:
                           lora_state_dict(self.comps.unet), o.rank, float(o.alpha or o.rank), o.targets,
                           self.comps.family, self.comps.source, self.masks.cpu(), training)
 
-    def run(self, name: str = "attencraft") -> TrainResult:
+    def run(self, name: str = "attencraft", replace: bool = False) -> TrainResult:
+        """Train (from the resumed step), holding the folder's lock. A new run in a folder that holds another
+        run's files refuses, unless `replace`: then those files are removed first."""
+        with RunLock(self.out):
+            if self.start_step == 0:
+                self._clear_earlier_run(replace)
+            return self._run(name)
+
+    def _clear_earlier_run(self, replace: bool) -> None:
+        earlier = earlier_run_files(self.out)
+        if earlier and not replace:
+            names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            raise AttenCraftError(f"{self.out} holds another training run's files ({names}): use another output "
+                                  "folder, resume that run, or replace its files (--overwrite on the command line).")
+        for path in earlier:
+            path.unlink(missing_ok=True)
+        if earlier:
+            self._event(f"removed {len(earlier)} files of an earlier run")
+
+    def _run(self, name: str) -> TrainResult:
         o = self.opts
         started = time.perf_counter()
         try:

@@ -178,7 +178,7 @@ class TrainLoRA(io.ComfyNode):
                               user_masks=user_masks, class_images=priors,
                               cache_dir=os.path.join(sets_dir, "class_images"), callback=progress,
                               log=lambda line: logging.info("AttenCraft: %s", line))
-            result = trainer.run(name)
+            result = trainer.run(name, replace=True)  # retraining a name replaces its run, as before
             write_comfy_files(result.concept_set, paths)
             curve = image_to_comfy(Image.open(result.files["loss_curve"]))
         lora_name = f"attencraft/{name}.safetensors"

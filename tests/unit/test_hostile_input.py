@@ -356,3 +356,35 @@ def test_masks_refuse_bad_resolutions(value, expected, tiny_model_dir, scene_png
     check_refused(["masks", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
                    "--out", str(tmp_path / "out"), "--resolution", value], expected, capsys)
 
+
+
+# ---- silent wrong results that are now refused or handled -------------------------------------------------------
+
+def test_a_placeholder_as_a_concept_word_is_refused(tiny_model_dir, scene_png, tmp_path, capsys):
+    check_refused(["masks", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "<c1>, dog",
+                   "--out", str(tmp_path / "out")], "<c1> is a placeholder name", capsys)
+
+
+def test_masks_of_any_size_and_paths_with_commas_are_taken(tiny_model_dir, scene_png, tmp_path, capsys):
+    folder = tmp_path / "masks, final"
+    folder.mkdir()
+    paths = []
+    for i in range(2):  # 17 px wide, 300 tall: the first concept in the top half, the second in the bottom one
+        mask = np.zeros((300, 17), np.uint8)
+        mask[150 * i: 150 * (i + 1)] = 255
+        paths.append(folder / f"m{i}.png")
+        Image.fromarray(mask).save(paths[-1])
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                 "--masks", *map(str, paths), "--out", str(out), "--steps", "1", "--rank", "2", "--prior-weight",
+                 "0", "--quiet"]) == 0, capsys.readouterr().err
+    log = json.loads((out / "attencraft_train.json").read_text())
+    assert any("was 17x300; resized" in e for e in log["events"])
+
+
+def test_a_second_run_in_a_folder_needs_overwrite(tiny_model_dir, scene_png, mask_pngs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out)) == 0
+    check_refused(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--lr", "2e-4"),
+                  "holds another training run's files", capsys)
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--lr", "2e-4", "--overwrite")) == 0

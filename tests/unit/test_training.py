@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import re
+import socket
 import stat
 from dataclasses import replace
 
@@ -20,11 +21,12 @@ from attencraft_core.concept_file import ConceptSet, embedding_key
 from attencraft_core.concepts import add_concept_tokens
 from attencraft_core.generation import class_images, generate
 from attencraft_core.lora import from_kohya, lora_deltas, set_lora_strength
-from attencraft_core.outputs import atomic_write
+from attencraft_core.outputs import atomic_write, write_json
+from attencraft_core.run_folder import RunLock
 from attencraft_lab.tiny_models import build_tiny_components
 from attencraft_core.training import (Trainer, TrainingCancelled, TrainOptions, attach_trainables,
                                       prepare_inputs)
-from helpers import class_image, quadrant_blobs, scene_image
+from helpers import class_image, quadrant_blobs, scene_image, two_object_array
 
 WORDS = "cat, dog, bird"
 
@@ -244,18 +246,97 @@ def test_resume_refuses_a_diverged_or_truncated_checkpoint(tmp_path):
         make_trainer(build_tiny_components(seed=0), tmp_path).resume()
 
 
-def test_interruption_keeps_earlier_outputs_intact(tiny, tmp_path):
-    make_trainer(tiny, tmp_path).run("keep")
+def test_interruption_keeps_earlier_outputs_intact(tmp_path):
+    """A finished run's files survive a later run in the same folder that is interrupted: here the run is
+    resumed for more steps and stopped at once (a new run would be refused, see below)."""
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=4).run("keep")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "checkpoint.safetensors"}
 
     def boom(step, steps, record, ratios):
         raise KeyboardInterrupt
 
+    resumed = make_trainer(build_tiny_components(seed=0), tmp_path, callback=boom, steps=6, checkpoint_every=1)
+    assert resumed.resume() == 4
     with pytest.raises(KeyboardInterrupt):
-        make_trainer(build_tiny_components(seed=1), tmp_path, callback=boom, steps=3, checkpoint_every=1).run("keep")
+        resumed.run("keep")
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "checkpoint.safetensors"}
     assert after == before
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") or p.name == "run.lock"]
+
+
+def test_a_new_run_refuses_a_folder_with_another_runs_files_unless_told_to_replace_them(tmp_path):
+    """A 2-concept run after a 3-concept run must not leave the old <name>_c2 embedding and masks beside its own."""
+    make_trainer(build_tiny_components(seed=0), tmp_path, n=3).run("set")
+    assert (tmp_path / "set_c2.safetensors").is_file()
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(AttenCraftError, match="holds another training run's files.*--overwrite"):
+        make_trainer(build_tiny_components(seed=0), tmp_path, n=2).run("set")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    make_trainer(build_tiny_components(seed=0), tmp_path, n=2).run("set", replace=True)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "set_c1.safetensors" in names and "set_c2.safetensors" not in names
+    assert not any(n.startswith("set_mask_2_") for n in names) and "notes.txt" in names
+
+
+def test_one_run_per_folder_a_second_one_names_the_holder(tmp_path):
+    trainer = make_trainer(build_tiny_components(seed=0), tmp_path)
+    with RunLock(tmp_path):
+        with pytest.raises(AttenCraftError, match=f"in use by another training run \\(pid {os.getpid()}"):
+            trainer.run("busy")
+    assert not list(tmp_path.glob("*.safetensors"))
+    (tmp_path / "run.lock").write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": socket.gethostname()}))
+    trainer.run("busy")  # a lock whose process is gone is stale and taken over
+    assert (tmp_path / "busy.safetensors").is_file() and not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(image=Image.fromarray(two_object_array()[:, ::-1].copy())), "image"),
+    (dict(masks=list(quadrant_blobs(64, 2).flip(-1))), "masks"),
+    (dict(lr=5e-4), "options lr"),
+    (dict(policy="uniform", attention_weight=0.5), "options attention_weight, policy"),
+    (dict(comps=build_tiny_components(seed=3)), "model"),
+])
+def test_resume_refuses_a_checkpoint_of_another_run_naming_what_differs(change, field, tmp_path):
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=1).run("r")
+    comps = change.pop("comps", None) or build_tiny_components(seed=0)
+    image, masks = change.pop("image", scene()), change.pop("masks", user_masks(2))
+    opts = TrainOptions(**{"steps": 4, "checkpoint_every": 1, "refresh_every": 0, "rank": 4, **change})
+    trainer = Trainer(comps, image, parse_concepts("cat, dog"), tmp_path, opts, user_masks=masks,
+                      class_images=class_imgs(), log=lambda line: None)
+    with pytest.raises(AttenCraftError, match=f"belongs to another run: its {field} differ"):
+        trainer.resume()
+
+
+def test_weights_that_become_nan_stop_the_run_and_keep_the_last_checkpoint(tiny, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny, tmp_path, steps=4, checkpoint_every=1)
+    real_step = trainer.optimizer.step
+
+    def poisoned_step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        if len(trainer.history) == 2:  # during the third step
+            with torch.no_grad():
+                trainer.lora[0].fill_(float("nan"))
+
+    monkeypatch.setattr(trainer.optimizer, "step", poisoned_step)
+    with pytest.raises(AttenCraftError, match="became NaN or infinite at step 3.*last checkpoint is kept"):
+        trainer.run("nan")
+    _, info = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert info["step"] == 2 and not (tmp_path / "nan.safetensors").exists()
+
+
+def test_sample_prediction_models_train_against_the_clean_latents(tmp_path):
+    comps = build_tiny_components(prediction_type="sample")
+    trainer = make_trainer(comps, tmp_path, steps=1)
+    latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([500])
+    assert torch.equal(trainer._target(latents, noise, t), latents)
+    assert np.isfinite(trainer.run("x0").history[0]["loss"])
+
+
+def test_json_outputs_are_strict(tmp_path):
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "r.json", {"fidelity": float("nan")})
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_a_failing_write_leaves_the_old_file(tmp_path):

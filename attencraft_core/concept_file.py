@@ -166,11 +166,19 @@ class ConceptSet:
 
     def check_model(self, comps) -> None:
         """Refuse a model of another family (its LoRA and embeddings would not fit)."""
-        dim = comps.text_encoder.get_input_embeddings().weight.shape[1]
-        if comps.family != self.family or dim != self.embeddings.shape[1]:
+        if comps.family != self.family:
             raise AttenCraftError(
                 f"This concept file was trained on a {self.family} model but the model given is {comps.family}. "
                 f"Use a {self.family} base model (it was {self.base_model or 'not recorded'}).")
+        self.check_text_width(comps.text_encoder.get_input_embeddings().weight.shape[1])
+
+    def check_text_width(self, width: int, model: str = "the model given") -> None:
+        """Refuse a model whose text features are not as wide as the learned embeddings."""
+        if width != self.embeddings.shape[1]:
+            raise AttenCraftError(
+                f"This concept set was trained on a {self.family} model ({self.embeddings.shape[1]}-d text) but "
+                f"{model} takes {width}-d text: load the base model it was trained on "
+                f"({self.base_model or 'not recorded'}).")
 
     def check_prompt(self, prompt: str) -> None:
         """Every <cN> placeholder in the prompt must be defined by this file."""

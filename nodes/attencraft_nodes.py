@@ -222,10 +222,7 @@ class ApplyConcepts(io.ComfyNode):
                 raise AttenCraftError(f"Concept set {saved_concept_set!r} is not in models/{SETS_FOLDER}.")
             concept_set = TrainedConcepts(ConceptSet.load(path), check_name(os.path.splitext(saved_concept_set)[0]))
         cs, name = concept_set.concept_set, concept_set.name
-        context = model.model.model_config.unet_config.get("context_dim")
-        if context != cs.embeddings.shape[1]:
-            raise AttenCraftError(f"This concept set was trained on a {cs.family} model ({cs.embeddings.shape[1]}-d "
-                                  f"text) but the MODEL takes {context}-d text: load the base model it was trained on.")
+        cs.check_text_width(model.model.model_config.unet_config.get("context_dim"), "the MODEL")
         embeddings_dir = folder_paths.get_folder_paths("embeddings")[0]
         for i in range(len(cs.concepts)):  # a set copied from elsewhere brings its embeddings along
             target = os.path.join(embeddings_dir, f"{name}_c{i}.safetensors")

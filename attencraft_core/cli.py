@@ -39,6 +39,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "always uses fp32 (default fp32)")
 
 
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    """--image, --concepts and --out: what masks, train and demo work on."""
+    p.add_argument("--image", required=True, help="the image showing all concepts (PNG/JPEG/WebP, any mode)")
+    p.add_argument("--concepts", required=True,
+                   help='comma-separated word per concept, at least two, e.g. "cat,dog"; each word also '
+                        "initialises its placeholder token <c0>, <c1>, ...")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+
+
 def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines; results and errors only")
 
@@ -161,11 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(one UNet pass, no user masks). Writes mask_<i>_<word>.png, overlay.png "
                                    "and masks.json (scores, timestep, notes) to --out.")
     _add_model_args(p)
-    p.add_argument("--image", required=True, help="the image showing all concepts (PNG/JPEG/WebP, any mode)")
-    p.add_argument("--concepts", required=True,
-                   help='comma-separated word per concept, at least two, e.g. "cat,dog"; each word also '
-                        "initialises its placeholder token <c0>, <c1>, ...")
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    _add_job_args(p)
     add_arguments(p, MaskOptions, prefix="mask_")
     p.set_defaults(func=cmd_masks)
 
@@ -175,9 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<name>_c<i>.safetensors (textual inversion), masks, <name>_loss.png, "
                                    "<name>_train.json and checkpoint.safetensors to --out.")
     _add_model_args(p)
-    p.add_argument("--image", required=True, help="the image showing all concepts")
-    p.add_argument("--concepts", required=True, help='comma-separated word per concept, e.g. "cat,dog"')
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    _add_job_args(p)
     p.add_argument("--masks", nargs="+", default=None, metavar="MASK",
                    help="your mask images, one per concept in order (white = concept, any size), as separate "
                         "paths or one comma-separated list; skips extraction")
@@ -216,9 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to --out/run. (`python -m attencraft_lab demo` runs it on the shipped toy "
                                    "model and measures it.)")
     _add_model_args(p)
-    p.add_argument("--image", required=True, help="the image showing all concepts")
-    p.add_argument("--concepts", required=True, help='comma-separated word per concept, e.g. "cat,dog"')
-    p.add_argument("--out", required=True, help="output folder")
+    _add_job_args(p)
     p.add_argument("--steps", type=int, default=TrainOptions.steps, help=f"training steps (default "
                                                                            f"{TrainOptions.steps})")
     p.add_argument("--images", type=int, default=4, help="images per prompt (default 4)")

@@ -83,18 +83,22 @@ def image_fingerprint(image: Image.Image) -> str:
     return h.hexdigest()[:16]
 
 
+def image_processor():
+    """diffusers' VaeImageProcessor with bicubic resizing (the reference code's) and [-1, 1] values."""
+    from diffusers.image_processor import VaeImageProcessor  # on use: the API loads without diffusers
+
+    return VaeImageProcessor(vae_scale_factor=8, resample="bicubic", do_normalize=True)
+
+
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """[1, 3, size, size] in [-1, 1], resized with bicubic filtering (as the reference code does)."""
-    resized = image.resize((size, size), Image.Resampling.BICUBIC)
-    array = np.asarray(resized, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    """[1, 3, size, size] in [-1, 1], resized with bicubic filtering (size a multiple of 8)."""
+    return image_processor().preprocess(image, height=size, width=size)
 
 
 def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
     """Inverse of image_to_tensor for one [3, H, W] or [1, 3, H, W] tensor in [-1, 1]."""
-    tensor = tensor.detach().float().cpu().reshape(-1, *tensor.shape[-3:])[0]
-    array = ((tensor.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
+    tensor = tensor.detach().float().cpu().reshape(-1, *tensor.shape[-3:])[:1]
+    return image_processor().postprocess(tensor, output_type="pil")[0]
 
 
 def mask_to_image(mask: torch.Tensor) -> Image.Image:

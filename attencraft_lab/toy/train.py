@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm import tqdm
 
 from attencraft_core.api import (AttentionStore, atomic_write, capture_attention, encode_images, load_components,
@@ -229,12 +229,15 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         log = {"decoder_step": 0, "vae_all_step": 0, **state["log"]}
         print(f"resumed: VAE step {log['vae_step']}, UNet step {log['unet_step']}, {log['seconds'] / 60:.1f} min")
 
-    ema = [e.to(device) for e in state["ema"]] if state and "ema" in state else [p.detach().clone() for p in params]
+    ema = EMAModel(params, decay=ema_decay, foreach=True)  # decay min(ema_decay, (1 + n) / (10 + n)) at step n
+    if state and "ema" in state:
+        ema.load_state_dict(state["ema"])
+        ema.to(device)
 
     def save():
         data = {"vae": comps.vae.state_dict(), "unet": comps.unet.state_dict(),
                 "text_encoder": comps.text_encoder.state_dict(), "vae_opt": vae_opt.state_dict(),
-                "opt": opt.state_dict(), "dec_opt": dec_opt.state_dict(), "ema": ema,
+                "opt": opt.state_dict(), "dec_opt": dec_opt.state_dict(), "ema": ema.state_dict(),
                 "torch_rng": torch.get_rng_state(), "log": log}
         if anchor is not None:
             data.update(vae_anchor=anchor.state_dict(), codec_opt=codec_opt.state_dict())
@@ -322,9 +325,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
             group["lr"] = lr * min(1.0, (log["unet_step"] + 1) / 100)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        decay = min(ema_decay, (1 + log["unet_step"]) / (10 + log["unet_step"]))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        ema.step(params)
         log["losses"].append(round(per_sample.mean().item(), 5))
         step_done("unet_step", bar, loss=f"{np.mean(log['losses'][-50:]):.4f}",
                   minutes=f"{(time.time() - start) / 60:.1f}",
@@ -356,9 +357,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     log["seconds"] = time.time() - start
     save()
     if export:
-        with torch.no_grad():
-            for p, e in zip(params, ema):
-                p.copy_(e)
+        ema.copy_to(params)
         comps.unet.eval()
         comps.text_encoder.eval()
         comps.to(torch.device("cpu"))

@@ -113,6 +113,11 @@ def test_toy_training_resumes_and_exports(tmp_path):
     comps = load_components(tmp_path / "export")
     assert comps.vae.config.scaling_factor == pytest.approx(first["scaling_factor"])
     assert comps.unet.dtype == torch.float32  # stored in fp16, loaded in fp32
+    # the export holds the EMA of the trained weights (diffusers' EMAModel, kept in the checkpoint), not the weights
+    state = torch.load(tmp_path / "work" / "toy_checkpoint.pt", weights_only=True)
+    shadow, trained = state["ema"]["shadow_params"][0], state["unet"]["conv_in.weight"]
+    assert state["ema"]["optimization_step"] == 3 and not torch.equal(shadow, trained)
+    torch.testing.assert_close(comps.unet.conv_in.weight, shadow.half().float())
 
 
 def test_decoder_sharpening_keeps_the_latent_space_the_unet_learned(tmp_path):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import AttenCraftError
 from .outputs import atomic_write, remove_stale_temporaries
+from .validation import first_non_finite
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"
@@ -79,10 +80,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(info, dict):
         raise AttenCraftError(f"{path}: its training state is not a JSON object. Delete it and train without "
                               "--resume.")
-    for name, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise AttenCraftError(f"{path} holds non-finite values in {name} (the run diverged): resume from "
-                                  "an earlier copy, or train again without --resume.")
+    name = first_non_finite(tensors.items())
+    if name is not None:
+        raise AttenCraftError(f"{path} holds non-finite values in {name} (the run diverged): resume from "
+                              "an earlier copy, or train again without --resume.")
     return tensors, info
 
 

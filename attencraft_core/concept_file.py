@@ -16,7 +16,7 @@ from .concepts import Concept, add_concept_tokens
 from .errors import AttenCraftError
 from .lora import TARGETS, load_lora_state_dict, set_lora_strength, to_kohya
 from .outputs import atomic_write
-from .validation import require_number
+from .validation import first_non_finite, require_number
 
 FORMAT = "attencraft-concepts/1"
 PLACEHOLDER_RE = re.compile(r"<c\d+>")
@@ -131,9 +131,9 @@ class ConceptSet:
             raise bad(f"LoRA rank {rank} / alpha {alpha} out of range")
         if meta["lora_targets"] not in TARGETS:
             raise bad(f"unknown LoRA targets {meta['lora_targets']!r}")
-        for key, value in tensors.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise bad(f"{key} holds NaN or infinite values")
+        non_finite = first_non_finite(tensors.items())
+        if non_finite is not None:
+            raise bad(f"{non_finite} holds NaN or infinite values")
         rows = []
         for c in concepts:
             row = tensors.get(f"embedding.{c.placeholder}")

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from .concepts import tokenize_prompt
-from .errors import AttenCraftError
 from .images import load_image
 from .model_loading import SDComponents
 from .outputs import atomic_write, ensure_out_dir, save_image
@@ -40,9 +39,7 @@ def check_settings(count: int, seed: int, steps: int, cfg: float, resolution: in
     require_seed("Seed", seed)
     require_seed("Last seed (seed + count - 1)", seed + count - 1)
     if resolution is not None:
-        require_number("Resolution", resolution, 8, 8192, integer=True)
-        if resolution % 8:
-            raise AttenCraftError(f"Resolution must be a multiple of 8, got {resolution}.")
+        require_number("Resolution", resolution, 8, 8192, integer=True, multiple_of=8)
 
 
 def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int = 30, cfg: float = 7.5,

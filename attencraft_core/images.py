@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from pathlib import Path
@@ -83,6 +84,7 @@ def image_fingerprint(image: Image.Image) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.cache
 def image_processor():
     """diffusers' VaeImageProcessor with bicubic resizing (the reference code's) and [-1, 1] values."""
     from diffusers.image_processor import VaeImageProcessor  # on use: the API loads without diffusers

@@ -11,6 +11,7 @@ import torch
 
 from .errors import AttenCraftError
 from .progress import Progress, no_progress
+from .validation import first_non_finite
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -124,10 +125,10 @@ def check_loaded_weights(name: str, folder: Path, module: torch.nn.Module) -> No
         raise AttenCraftError(f"{folder}: {len(missing)} {name} weights are missing from its weight file (e.g. "
                               f"{missing[0]}); the file does not belong to this config.json (damaged or swapped). "
                               "Re-copy the model.")
-    for param_name, param in module.named_parameters():
-        if not torch.isfinite(param).all():
-            raise AttenCraftError(f"{folder}: the {name} weight {param_name} holds NaN or infinite values; the "
-                                  "model file is damaged. Re-copy or re-export the model.")
+    param_name = first_non_finite(module.named_parameters())
+    if param_name is not None:
+        raise AttenCraftError(f"{folder}: the {name} weight {param_name} holds NaN or infinite values; the "
+                              "model file is damaged. Re-copy or re-export the model.")
 
 
 @contextmanager

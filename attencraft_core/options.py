@@ -60,9 +60,8 @@ def check_settings(obj, what: str) -> None:
             continue
         if value_type(f) is str:
             continue
-        require_number(name, value, meta["low"], meta["high"], meta["low_open"], integer=value_type(f) is int)
-        if meta["multiple_of"] and value % meta["multiple_of"]:
-            raise AttenCraftError(f"{name} must be a multiple of {meta['multiple_of']}, got {value}.")
+        require_number(name, value, meta["low"], meta["high"], meta["low_open"], integer=value_type(f) is int,
+                       multiple_of=meta["multiple_of"])
 
 
 def flag_of(f: dataclasses.Field) -> str:

@@ -1,8 +1,11 @@
-"""Range checks for numeric settings: every number finite and in its range, one clear error naming the setting."""
+"""Checks on numbers: settings finite and in their range (one clear error naming the setting), tensors finite."""
 
 from __future__ import annotations
 
 import math
+from typing import Iterable
+
+import torch
 
 from .errors import AttenCraftError
 
@@ -10,8 +13,9 @@ MAX_SEED = 2 ** 63 - 1
 
 
 def require_number(name: str, value, low: float | None = None, high: float | None = None,
-                   low_open: bool = False, integer: bool = False) -> None:
-    """Raise AttenCraftError unless `value` is a finite number in [low, high] ((low, high] with low_open)."""
+                   low_open: bool = False, integer: bool = False, multiple_of: int | None = None) -> None:
+    """Raise AttenCraftError unless `value` is a finite number in [low, high] ((low, high] with low_open), and a
+    multiple of `multiple_of` when given."""
     kind = "a whole number" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
         raise AttenCraftError(f"{name} must be {kind}, got {value!r}.")
@@ -25,11 +29,21 @@ def require_number(name: str, value, low: float | None = None, high: float | Non
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):
         raise AttenCraftError(f"{name} must be {' and '.join(bounds)}, got {shown(value)}.")
+    if multiple_of and value % multiple_of:
+        raise AttenCraftError(f"{name} must be a multiple of {multiple_of}, got {shown(value)}.")
 
 
 def shown(x: float) -> str:
     """A bound or value as a person writes it: 1000000 -> "1000000", 0.0001 -> "0.0001"."""
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e18 else f"{x:g}"
+
+
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating tensor that holds NaN or an infinity, None when all are finite."""
+    for name, tensor in named:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
 
 
 def require_seed(name: str, value) -> None:

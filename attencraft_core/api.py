@@ -8,12 +8,12 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import run_command
 from .concept_file import ConceptSet, embedding_key
 from .concepts import Concept, add_concept_tokens, concepts_prompt, parse_concepts
-from .demo import DemoResult, check_demo_settings, contact_sheet, demo_prompts, run_demo
+from .demo import DemoResult, check_demo_settings, demo_prompts, run_demo
 from .devices import default_device, resolve_device, resolve_dtype
 from .encoding import decode_latents, encode_images, encode_prompts
 from .errors import AttenCraftError
 from .generation import class_images, generate
-from .images import ensure_rgb, image_to_tensor, load_image, mask_to_image, overlay, tensor_to_image
+from .images import contact_sheet, ensure_rgb, image_to_tensor, load_image, mask_to_image, overlay, tensor_to_image
 from .lora import set_lora_strength, to_kohya
 from .masks import MaskResult, extract_masks, masks_from_latents
 from .model_loading import SDComponents, load_components, sd_noise_scheduler

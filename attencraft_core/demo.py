@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .concepts import Concept, concepts_prompt, parse_concepts
 from .generation import generate
-from .images import mask_to_image, overlay
+from .images import contact_sheet, mask_to_image, overlay
 from .masks import MaskOptions, MaskResult, extract_masks
 from .model_loading import SDComponents
 from .outputs import ensure_out_dir, save_image, write_json
@@ -33,20 +33,6 @@ def demo_prompts(placeholders: list[str]) -> list[str]:
     """Each concept alone, all together, and each in a new context."""
     return ([concepts_prompt([p]) for p in placeholders] + [concepts_prompt(placeholders)]
             + [concepts_prompt([p], "a photo of {} on the beach") for p in placeholders])
-
-
-def contact_sheet(rows: list[tuple[str, list[Image.Image]]], tile: int = 128) -> Image.Image:
-    """Labelled rows of images, each image scaled to `tile` px."""
-    columns = max(len(images) for _, images in rows)
-    label = 16
-    sheet = Image.new("RGB", (columns * tile, len(rows) * (tile + label)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (title, images) in enumerate(rows):
-        y = r * (tile + label)
-        draw.text((4, y + 2), title, fill="black")
-        for c, image in enumerate(images):
-            sheet.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (c * tile, y + label))
-    return sheet
 
 
 def check_demo_settings(images_per_prompt: int, seed: int) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import AttenCraftError
 
@@ -120,3 +120,17 @@ def overlay(image: Image.Image, masks: torch.Tensor, alpha: float = 0.5) -> Imag
         colour = np.array(PALETTE[i % len(PALETTE)], dtype=np.float32)
         out[mask] = (1 - alpha) * base[mask] + alpha * colour
     return Image.fromarray(out.round().astype(np.uint8))
+
+
+def contact_sheet(rows: list[tuple[str, list[Image.Image]]], tile: int = 128) -> Image.Image:
+    """Labelled rows of images, each image scaled to `tile` px."""
+    columns = max(len(images) for _, images in rows)
+    label = 16
+    sheet = Image.new("RGB", (columns * tile, len(rows) * (tile + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (title, images) in enumerate(rows):
+        y = r * (tile + label)
+        draw.text((4, y + 2), title, fill="black")
+        for c, image in enumerate(images):
+            sheet.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (c * tile, y + label))
+    return sheet

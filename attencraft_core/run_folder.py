@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -81,17 +83,37 @@ def is_concept_set(path: Path) -> bool:
         return False
 
 
+SNAPSHOT = re.compile(r"(.+)_step(\d{6,})")
+
+
+def snapshot_name(name: str, step: int) -> str:
+    return f"{name}_step{step:06d}.safetensors"
+
+
+def snapshots(folder: str | Path, name: str) -> list[Path]:
+    """The step snapshots of run `name` in `folder`, oldest first."""
+    found = []
+    for path in Path(folder).glob("*.safetensors"):
+        match = SNAPSHOT.fullmatch(path.stem)
+        if match and match.group(1) == name:
+            found.append((int(match.group(2)), path))
+    return [path for _, path in sorted(found)]
+
+
 def earlier_run_files(folder: str | Path) -> list[Path]:
-    """What a training run left in `folder`: each concept set with every file named after it (kohya LoRA,
-    embeddings, masks, loss curve, log) and the resumable checkpoint. Other files are not counted."""
+    """What a training run left in `folder`: each concept set (final or step snapshot) with every file named
+    after it (kohya LoRA, embeddings, masks, loss curve, log, previews) and the resumable checkpoint. Other
+    files are not counted."""
     folder = Path(folder)
     found = {p for p in (folder / "checkpoint.safetensors", folder / "checkpoint.pt") if p.is_file()}
     for concept_set in folder.glob("*.safetensors"):
         if not is_concept_set(concept_set):
             continue
-        name = concept_set.stem
         found.add(concept_set)
+        snapshot = SNAPSHOT.fullmatch(concept_set.stem)
+        name = glob.escape(snapshot.group(1) if snapshot else concept_set.stem)
         for pattern in (f"{name}_lora_kohya.safetensors", f"{name}_c*.safetensors", f"{name}_mask_*.png",
-                        f"{name}_loss.png", f"{name}_train.json"):
+                        f"{name}_loss.png", f"{name}_train.json", f"{name}_preview_*.png"):
             found.update(folder.glob(pattern))
     return sorted(found)
+

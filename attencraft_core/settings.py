@@ -75,6 +75,14 @@ class TrainOptions:
     ssim_min: float = setting(0.8, "a refreshed mask is kept only with SSIM >= this against the previous one",
                               low=-1, high=1)
     checkpoint_every: int = setting(100, "write the resumable checkpoint every N steps", low=1)
+    keep_checkpoint: bool = setting(False, "keep the resumable checkpoint when the run finishes (to train it "
+                                           "further later); a stopped run always keeps it")
+    save_every: int = setting(0, "also save a usable concept set every N steps (<name>_step<N>), 0 = only the "
+                                 "final one", low=0)
+    keep_last: int = setting(3, "how many of those step snapshots to keep (the oldest are removed)", low=1,
+                             high=1000)
+    preview_every: int = setting(0, "draw one small image per concept with the current weights every N steps "
+                                    "(<name>_preview_<N>.png), 0 = never", low=0)
     two_phase: bool = setting(False, "first train embeddings only at phase1-lr, then LoRA + embeddings "
                                      "(Break-A-Scene)")
     phase1_steps: int = setting(100, "steps of phase 1 with two phases", low=1)

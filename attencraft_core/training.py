@@ -23,14 +23,15 @@ from .encoding import encode_images, encode_prompts
 from .errors import AttenCraftError
 from .generation import class_images as make_class_images
 from .generation import model_fingerprint
-from .images import image_fingerprint, image_to_tensor, mask_to_image
+from .generation import generate
+from .images import contact_sheet, image_fingerprint, image_to_tensor, mask_to_image
 from .lora import add_lora, copy_lora_weights, lora_parameters, lora_state_dict
 from .losses import attention_loss, masked_diffusion_loss, ssim
 from .masks import concept_attention, masks_from_latents
 from .model_loading import SDComponents
 from .outputs import ensure_out_dir, safe_name, save_image, write_json
 from .progress import Progress, no_progress
-from .run_folder import RunLock, earlier_run_files
+from .run_folder import RunLock, earlier_run_files, snapshot_name, snapshots
 from .sampling import ConceptSampler
 from .settings import TrainOptions
 
@@ -44,6 +45,15 @@ class TrainResult:
 
 class TrainingCancelled(Exception):
     """Raised by a progress callback to stop training; the last checkpoint is kept."""
+
+
+PREVIEW_STEPS = 12  # DDIM steps of a training preview
+RUN_ONLY = ("steps", "checkpoint_every", "keep_checkpoint", "save_every", "keep_last", "preview_every")  # no effect on the weights
+
+
+def preview_side(resolution: int) -> int:
+    """Side of a training preview: 3/4 of the training resolution, a multiple of 8."""
+    return max(8, resolution * 3 // 4 // 8 * 8)
 
 
 def prepare_user_masks(masks: list, concepts: list[Concept], size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
@@ -146,12 +156,15 @@ class Trainer:
     def __init__(self, comps: SDComponents, image: Image.Image, concepts: list[Concept], out_dir: str | Path,
                  opts: TrainOptions | None = None, user_masks: list | None = None,
                  class_images: list[Image.Image] | None = None, cache_dir: str | Path | None = None,
-                 callback=None, log=print, progress: Progress = no_progress):
+                 callback=None, log=print, progress: Progress = no_progress, on_preview=None):
         """`callback(step, steps, record, ratios)` after each step (may raise TrainingCancelled); `progress` is
-        told each long phase: class images, masks, training (with loss and sampling ratios)."""
+        told each long phase: class images, masks, training (with loss and sampling ratios); `on_preview(step,
+        image)` gets each training preview (see `preview_every`)."""
         self.opts = opts or TrainOptions()
         self.opts.check(comps.native_resolution)
         self.comps, self.concepts, self.callback, self.log, self.progress = comps, concepts, callback, log, progress
+        self.on_preview = on_preview
+        self.resolution = self.opts.resolution or comps.native_resolution
         self.out = ensure_out_dir(out_dir)
         self.device = comps.device
         self.history: list[dict] = []
@@ -216,28 +229,30 @@ class Trainer:
                           generator=self.generator).to(self.device)
         noisy = comps.noise_scheduler.add_noise(latents, noise, t)
         store = AttentionStore(rows=[0])
-        with self._autocast(), capture_attention(comps.unet, store, o.masks.cross_factor, None, detach_sot=True):
-            pred = comps.unet(noisy, t, encode_prompts(comps, prompts)).sample
-        target = self._target(latents, noise, t)
+        # the recording processors stay installed through backward: gradient checkpointing reruns them
+        with capture_attention(comps.unet, store, o.masks.cross_factor, None, detach_sot=True):
+            with self._autocast():
+                pred = comps.unet(noisy, t, encode_prompts(comps, prompts)).sample
+            target = self._target(latents, noise, t)
 
-        latent_mask = self.loss_mask(chosen, latents.shape[-2:]).to(self.device)
-        losses = {"instance": masked_diffusion_loss(pred[:1], target[:1], latent_mask if o.masked_loss else None,
-                                                    o.unmasked_term)}
-        if o.prior_weight > 0:
-            losses["prior"] = F.mse_loss(pred[1:].float(), target[1:].float())
-        if o.attention_weight > 0:
-            cross = store.mean("cross")[0]
-            cross_hw = map_side(cross.shape[0], latents.shape[-1] / latents.shape[-2])
-            background = ~self.masks.any(0)
-            targets = torch.stack([background] + [self.masks[i] for i in chosen]).to(self.device)
-            token_idx = [positions["<sot>"]] + [positions[p] for p in placeholders]
-            losses["attention"] = attention_loss(cross, token_idx, cross_hw, targets)
-        total = (losses["instance"] + o.prior_weight * losses.get("prior", 0.0)
-                 + o.attention_weight * losses.get("attention", 0.0))
-        if not torch.isfinite(total):
-            raise AttenCraftError(f"The loss became {float(total)} at step {step + 1}: lower the learning rate "
-                                  "(--lr) or use fp32. The last checkpoint is kept.")
-        total.backward()
+            latent_mask = self.loss_mask(chosen, latents.shape[-2:]).to(self.device)
+            losses = {"instance": masked_diffusion_loss(pred[:1], target[:1], latent_mask if o.masked_loss else None,
+                                                        o.unmasked_term)}
+            if o.prior_weight > 0:
+                losses["prior"] = F.mse_loss(pred[1:].float(), target[1:].float())
+            if o.attention_weight > 0:
+                cross = store.mean("cross")[0]
+                cross_hw = map_side(cross.shape[0], latents.shape[-1] / latents.shape[-2])
+                background = ~self.masks.any(0)
+                targets = torch.stack([background] + [self.masks[i] for i in chosen]).to(self.device)
+                token_idx = [positions["<sot>"]] + [positions[p] for p in placeholders]
+                losses["attention"] = attention_loss(cross, token_idx, cross_hw, targets)
+            total = (losses["instance"] + o.prior_weight * losses.get("prior", 0.0)
+                     + o.attention_weight * losses.get("attention", 0.0))
+            if not torch.isfinite(total):
+                raise AttenCraftError(f"The loss became {float(total)} at step {step + 1}: lower the learning rate "
+                                      "(--lr) or use fp32. The last checkpoint is kept.")
+            total.backward()
         torch.nn.utils.clip_grad_norm_(self.lora + [self.embedding], o.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -288,8 +303,8 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def _signature(self) -> dict:
         """What must match for a checkpoint to continue this run: the concepts, the base model, the image, the
-        initial masks and every option that changes the result (not steps or the checkpoint interval)."""
-        options = {k: v for k, v in asdict(self.opts).items() if k not in ("steps", "checkpoint_every")}
+        initial masks and every option that changes the weights (not steps or how often files are written)."""
+        options = {k: v for k, v in asdict(self.opts).items() if k not in RUN_ONLY}
         return {"concepts": [c.placeholder + "=" + c.word for c in self.concepts], **self.identity,
                 "options": options}
 
@@ -393,6 +408,10 @@ class Trainer:
                     self.refresh_masks(done)
                 if done % o.checkpoint_every == 0 or done == o.steps:
                     self.save_checkpoint(done)
+                if o.save_every and done % o.save_every == 0 and done < o.steps:
+                    self.save_snapshot(name, done)
+                if o.preview_every and (done % o.preview_every == 0 or done == o.steps):
+                    self.preview(name, done)
                 ratios = self.sampler.ratios()
                 self.progress("training", done, o.steps, loss=f"{record['loss']:.4f}",
                               ratios=",".join(f"{k}:{v:.2f}" for k, v in ratios.items()))
@@ -403,7 +422,36 @@ class Trainer:
         result = TrainResult(self.concept_set(), self.history, self.events)
         result.files = write_outputs(self.out, name, result, self.masks, self.sampler.ratios(),
                                      time.perf_counter() - started)
+        if not o.keep_checkpoint:  # only after the outputs are safely written
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
         return result
+
+    def save_snapshot(self, name: str, step: int) -> Path:
+        """A usable concept set of the weights at `step` (<name>_step<N>.safetensors); only the newest
+        `keep_last` are kept."""
+        path = self.concept_set().save(self.out / snapshot_name(name, step))
+        for old in snapshots(self.out, name)[:-self.opts.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def preview(self, name: str, step: int) -> Image.Image:
+        """One small image per concept ("a photo of <ci>") with the current weights, as a labelled sheet saved
+        as <name>_preview_<step>.png and handed to `on_preview`. Seeded, so sheets of one run compare."""
+        unet = self.comps.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            prompts = [concepts_prompt([c.placeholder]) for c in self.concepts]
+            images = generate(self.comps, prompts, seed=self.opts.seed, steps=PREVIEW_STEPS,
+                              resolution=preview_side(self.resolution))
+        finally:
+            unet.train(was_training)
+        sheet = contact_sheet([(f"{c.placeholder} {c.word}, step {step}", [im])
+                               for c, im in zip(self.concepts, images)], tile=min(256, images[0].width))
+        save_image(self.out / f"{name}_preview_{step:06d}.png", sheet)
+        if self.on_preview:
+            self.on_preview(step, sheet)
+        return sheet
 
 
 def write_outputs(out: Path, name: str, result: TrainResult, masks: torch.Tensor, ratios: dict,

@@ -114,7 +114,7 @@ def test_outputs_and_file_formats(trained_pair):
     files = result.files
     for key in ("concepts", "lora_kohya", "<c0>", "<c1>", "loss_curve", "log", "mask_0", "mask_1"):
         assert files[key].is_file(), key
-    assert (trained_pair.out / "checkpoint.safetensors").is_file()
+    assert not (trained_pair.out / "checkpoint.safetensors").exists()  # a finished run drops it by default
     kohya = load_file(files["lora_kohya"])
     downs = [k for k in kohya if k.endswith(".lora_down.weight")]
     assert downs and all(k.startswith("lora_unet_") for k in kohya)
@@ -232,7 +232,7 @@ def test_resume_never_unpickles_a_planted_checkpoint(tiny, tmp_path, file_name):
 
 
 def test_resume_refuses_a_diverged_or_truncated_checkpoint(tmp_path):
-    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=2).run("r")
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=2, keep_checkpoint=True).run("r")
     path = tmp_path / "checkpoint.safetensors"
     tensors, info = load_checkpoint(path)
     good = path.read_bytes()
@@ -249,7 +249,7 @@ def test_resume_refuses_a_diverged_or_truncated_checkpoint(tmp_path):
 def test_interruption_keeps_earlier_outputs_intact(tmp_path):
     """A finished run's files survive a later run in the same folder that is interrupted: here the run is
     resumed for more steps and stopped at once (a new run would be refused, see below)."""
-    make_trainer(build_tiny_components(seed=0), tmp_path, steps=4).run("keep")
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=4, keep_checkpoint=True).run("keep")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "checkpoint.safetensors"}
 
     def boom(step, steps, record, ratios):
@@ -298,7 +298,7 @@ def test_one_run_per_folder_a_second_one_names_the_holder(tmp_path):
     (dict(comps=build_tiny_components(seed=3)), "model"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_run_naming_what_differs(change, field, tmp_path):
-    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=1).run("r")
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=1, keep_checkpoint=True).run("r")
     comps = change.pop("comps", None) or build_tiny_components(seed=0)
     image, masks = change.pop("image", scene()), change.pop("masks", user_masks(2))
     opts = TrainOptions(**{"steps": 4, "checkpoint_every": 1, "refresh_every": 0, "rank": 4, **change})
@@ -364,7 +364,7 @@ def test_written_files_follow_the_umask(tmp_path):
 def test_a_later_checkpoint_removes_what_a_killed_write_left(tmp_path):
     stale = tmp_path / ".checkpoint.safetensors.k1ll3d.tmp"
     stale.write_bytes(b"half a checkpoint")
-    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=1).run("r")
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=1, keep_checkpoint=True).run("r")
     assert not stale.exists() and (tmp_path / "checkpoint.safetensors").is_file()
 
 
@@ -557,3 +557,49 @@ def test_train_and_generate_commands(tiny_model_dir, scene_png, tmp_path, capsys
     code = main(["train", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
                  "--masks", mask_paths[0], "--out", str(out), "--steps", "3", "--class-images", str(cls)])
     assert code == 2 and "Got 1 masks for 2 concepts" in capsys.readouterr().err
+
+
+def test_snapshots_every_n_steps_keep_the_last_k_and_each_loads(tmp_path):
+    result = make_trainer(build_tiny_components(seed=0), tmp_path, steps=8, save_every=2, keep_last=2).run("snap")
+    kept = sorted(p.name for p in tmp_path.glob("snap_step*.safetensors"))
+    assert kept == ["snap_step000004.safetensors", "snap_step000006.safetensors"]  # 2 is dropped; 8 is the final
+    snapshot = ConceptSet.load(tmp_path / kept[-1])
+    assert snapshot.training["steps_done"] == 6 and result.concept_set.training["steps_done"] == 8
+    assert not torch.equal(snapshot.embeddings, result.concept_set.embeddings)
+
+
+def test_previews_show_every_concept_and_leave_training_unchanged(tmp_path):
+    plain = build_tiny_components(seed=0)
+    reference = make_trainer(plain, tmp_path / "plain", steps=4)
+    reference.run("r")
+    seen = []
+    comps = build_tiny_components(seed=0)
+    trainer = make_trainer(comps, tmp_path / "previews", steps=4, preview_every=2,
+                           gradient_checkpointing=True)
+    trainer.on_preview = lambda step, image: seen.append((step, image.size))
+    trainer.run("r")
+    assert [s for s, _ in seen] == [2, 4]
+    sheets = sorted((tmp_path / "previews").glob("r_preview_*.png"))
+    assert [p.name for p in sheets] == ["r_preview_000002.png", "r_preview_000004.png"]
+    width, height = seen[0][1]
+    assert height > 2 * width - 40  # one labelled row per concept
+    for name, value in trained_state(plain, reference.token_ids)[0].items():
+        torch.testing.assert_close(trained_state(comps, trainer.token_ids)[0][name], value, atol=0, rtol=0)
+
+
+def test_a_replaced_run_takes_its_snapshots_and_previews_with_it(tmp_path):
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=4, save_every=2, preview_every=2).run("old")
+    assert list(tmp_path.glob("old_step*")) and list(tmp_path.glob("old_preview_*"))
+    make_trainer(build_tiny_components(seed=0), tmp_path, steps=2).run("new", replace=True)
+    assert not list(tmp_path.glob("old*")) and (tmp_path / "new.safetensors").is_file()
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    """The recording attention processors stay installed through backward, where checkpointing reruns them."""
+    plain, checkpointed = build_tiny_components(seed=0), build_tiny_components(seed=0)
+    a = make_trainer(plain, tmp_path / "a", steps=3, refresh_every=2)
+    a.run("r")
+    b = make_trainer(checkpointed, tmp_path / "b", steps=3, refresh_every=2, gradient_checkpointing=True)
+    b.run("r")
+    for name, value in trained_state(plain, a.token_ids)[0].items():
+        torch.testing.assert_close(trained_state(checkpointed, b.token_ids)[0][name], value, atol=1e-6, rtol=1e-5)

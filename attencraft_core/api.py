@@ -6,7 +6,7 @@ Everything a caller outside `attencraft_core` needs is importable from here; the
 from .attention import AttentionStore, capture_attention, layer_factors
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import run_command
-from .concept_file import ConceptSet, embedding_key
+from .concept_file import PLACEHOLDER_RE, ConceptSet, embedding_key
 from .concepts import Concept, add_concept_tokens, concepts_prompt, parse_concepts
 from .demo import DemoResult, check_demo_settings, demo_prompts, run_demo
 from .devices import default_device, resolve_device, resolve_dtype
@@ -20,14 +20,15 @@ from .model_loading import SDComponents, load_components, sd_noise_scheduler
 from .outputs import atomic_write, ensure_out_dir, safe_name, save_image, save_mask_outputs, write_json
 from .options import settings_of, value_type
 from .progress import Progress, ProgressBars, no_progress
+from .run_folder import earlier_run_files, is_concept_set
 from .settings import MaskOptions, TrainOptions
 from .training import Trainer, TrainingCancelled, TrainResult
 from .validation import require_number, require_seed
 
 __all__ = [
-    "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
+    "PLACEHOLDER_RE",    "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
     "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
-    "add_concept_tokens", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",
+    "add_concept_tokens", "earlier_run_files", "is_concept_set", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",
     "decode_latents", "default_device", "demo_prompts", "embedding_key", "encode_images", "encode_prompts",
     "ensure_out_dir", "ensure_rgb", "extract_masks", "generate", "image_to_tensor", "layer_factors",
     "load_checkpoint", "load_components", "load_image", "mask_to_image", "masks_from_latents", "no_progress",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -65,6 +66,13 @@ class ConceptSet:
     @property
     def placeholders(self) -> list[str]:
         return [c.placeholder for c in self.concepts]
+
+    def content_hash(self) -> str:
+        """8 hex digits of the concept words and the learned embeddings: two sets whose embedding files would
+        differ never share it."""
+        h = hashlib.sha256(json.dumps([[c.word, c.placeholder] for c in self.concepts]).encode())
+        h.update(self.embeddings.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:8]
 
     def save(self, path: str | Path) -> Path:
         tensors = {f"lora.{k}": v for k, v in self.lora.items()}

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..attencraft_core.api import AttenCraftError, SDComponents, sd_noise_scheduler
+from ..attencraft_core.api import AttenCraftError, Progress, SDComponents, no_progress, sd_noise_scheduler
 
 
 def unet_config_to_diffusers(unet_config: dict, sample_size: int = 64) -> dict:
@@ -131,20 +131,25 @@ def vae_from_comfy(vae, scale_factor: float, device: torch.device):
     return model
 
 
-def components_from_comfy(model, clip, vae):
-    """The core's SDComponents from ComfyUI objects, on ComfyUI's torch device, fp32, free of inference mode."""
+def components_from_comfy(model, clip, vae, progress: Progress = no_progress):
+    """The core's SDComponents from ComfyUI objects, on ComfyUI's torch device, fp32, free of inference mode.
+    `progress` is told ("converting the model", parts done, 3)."""
     import comfy.model_management as mm
 
+    progress("converting the model", 0, 3)
     mm.unload_all_models()  # ComfyUI's copies leave the device; patches are restored before we read weights
     mm.soft_empty_cache()
     device = mm.get_torch_device()
     unet, prediction = unet_from_comfy(model, device)
+    progress("converting the model", 1, 3)
     text_encoder, tokenizer, _ = text_encoder_from_comfy(clip, device)
+    progress("converting the model", 2, 3)
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise AttenCraftError("The MODEL and CLIP come from different model families (text width "
                               f"{text_encoder.config.hidden_size} vs UNet context {unet.config.cross_attention_dim}).")
     scale = float(getattr(model.model.latent_format, "scale_factor", 0.18215))
     vae_module = vae_from_comfy(vae, scale, device)
+    progress("converting the model", 3, 3)
     scheduler = sd_noise_scheduler(prediction)
     name = getattr(model.model.model_config, "__class__", type(None)).__name__
     return SDComponents(unet, vae_module, text_encoder, tokenizer, scheduler, source=f"comfyui:{name}")

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attencraft_core.api import (AttenCraftError, Concept, ConceptSet, MaskOptions, concepts_prompt, ensure_rgb,
-                                   extract_masks, overlay, parse_concepts)
+from ..attencraft_core.api import (PLACEHOLDER_RE, AttenCraftError, Concept, ConceptSet, MaskOptions, Progress,
+                                   concepts_prompt, earlier_run_files, ensure_rgb, extract_masks, no_progress, overlay,
+                                   parse_concepts, safe_name)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
 
@@ -61,12 +62,13 @@ def images_from_comfy(batch: torch.Tensor | None) -> list[Image.Image] | None:
     return [image_from_comfy(batch[i:i + 1])[0] for i in range(batch.shape[0])]
 
 
-def extract(comps, image: torch.Tensor, words: str, seed: int, t_min: int, t_max: int, threshold: float):
+def extract(comps, image: torch.Tensor, words: str, seed: int, t_min: int, t_max: int, threshold: float,
+            progress: Progress = no_progress):
     """Extract Concept Masks: (MASK [N, H, W], overlay IMAGE [1, H, W, 3], ExtractedConcepts)."""
     concepts = parse_concepts(words)
     pil, notes = image_from_comfy(image)
     result = extract_masks(comps, pil, concepts, MaskOptions(seed=seed, t_min=t_min, t_max=t_max,
-                                                             threshold=threshold))
+                                                             threshold=threshold), progress)
     masks = result.masks.float()
     value = ExtractedConcepts(concepts, masks, [round(float(s), 6) for s in result.scores], notes + result.notes)
     return masks, image_to_comfy(overlay(pil, result.masks)), value
@@ -94,41 +96,92 @@ def check_name(name: str) -> str:
     return name
 
 
-def comfy_file_paths(name: str, loras_dir: str | Path, embeddings_dir: str | Path, sets_dir: str | Path,
-                     count: int) -> dict[str, Path]:
-    """Where the trainer's files go inside ComfyUI's model folders."""
+EMBEDDINGS_SUBFOLDER = "attencraft"
+
+
+def comfy_file_paths(name: str, loras_dir: str | Path, sets_dir: str | Path) -> dict[str, Path]:
+    """Where a trained set's LoRA and concept set go inside ComfyUI's model folders."""
     name = check_name(name)
     paths = {"lora": Path(loras_dir) / "attencraft" / f"{name}.safetensors",
              "concept_set": Path(sets_dir) / f"{name}.safetensors"}
-    for i in range(count):
-        paths[f"c{i}"] = Path(embeddings_dir) / f"{name}_c{i}.safetensors"
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     return paths
 
 
 def write_comfy_files(concept_set: ConceptSet, paths: dict[str, Path]) -> dict[str, Path]:
-    """The kohya LoRA, one embedding per concept and the concept set, atomically."""
+    """The kohya LoRA and the concept set, atomically (the embeddings: write_embeddings)."""
     concept_set.save_kohya(paths["lora"])
-    for i in range(len(concept_set.concepts)):
-        concept_set.save_embedding(i, paths[f"c{i}"])
     concept_set.save(paths["concept_set"])
     return paths
 
 
-def embedding_names(name: str, count: int) -> list[str]:
-    return [f"{name}_c{i}" for i in range(count)]
+def embedding_names(concept_set: ConceptSet, name: str) -> list[str]:
+    """The names CLIP Text Encode knows each concept by: attencraft/<name>_<content hash>_c<i>. The hash makes
+    two sets (or two trainings under one name) never share a name, so no prompt reads stale embeddings."""
+    stem = f"{EMBEDDINGS_SUBFOLDER}/{safe_name(name)}_{concept_set.content_hash()}"
+    return [f"{stem}_c{i}" for i in range(len(concept_set.concepts))]
 
 
-def prompt_syntax(concept_set: ConceptSet, name: str) -> str:
-    """How to write each concept in CLIP Text Encode, with example prompts."""
-    names = embedding_names(name, len(concept_set.concepts))
-    lines = [f"{c.placeholder} ({c.word}): embedding:{n}" for c, n in zip(concept_set.concepts, names)]
-    lines.append("")
-    lines += [concepts_prompt([f"embedding:{n}"], "a photo of {} on the beach") for n in names]
-    lines.append(concepts_prompt([f"embedding:{n}" for n in names]))
-    lines.append("(put a space or the start of the prompt before each embedding:, not a comma)")
+def write_embeddings(concept_set: ConceptSet, name: str, embeddings_dir: str | Path) -> list[str]:
+    """Write (atomically, every time) one embedding file per concept; returns their names for prompts."""
+    names = embedding_names(concept_set, name)
+    (Path(embeddings_dir) / EMBEDDINGS_SUBFOLDER).mkdir(parents=True, exist_ok=True)
+    for i, embedding in enumerate(names):
+        concept_set.save_embedding(i, Path(embeddings_dir) / f"{embedding}.safetensors")
+    return names
+
+
+def fill_prompt(text: str, concept_set: ConceptSet, names: list[str]) -> str:
+    """`text` with each <cN> replaced by embedding:<name of concept N> (a space is put before it where
+    ComfyUI's tokenizer needs one). Unknown placeholders are an error naming the defined ones."""
+    concept_set.check_prompt(text)
+    by_placeholder = dict(zip(concept_set.placeholders, names))
+
+    def replace(match: re.Match) -> str:
+        before = match.string[match.start() - 1] if match.start() else " "
+        return ("" if before.isspace() or before == "(" else " ") + f"embedding:{by_placeholder[match.group(0)]}"
+
+    return PLACEHOLDER_RE.sub(replace, text)
+
+
+
+def together_prompt(concept_set: ConceptSet, names: list[str]) -> str:
+    """A usable prompt line with every concept: "a photo of embedding:... and embedding:..."."""
+    return fill_prompt(concepts_prompt(concept_set.placeholders), concept_set, names)
+
+
+def prompt_syntax(concept_set: ConceptSet, names: list[str]) -> str:
+    """What the node shows: each concept's embedding name, and how to write prompts with them."""
+    lines = [f"{c.placeholder} = {c.word}: embedding:{n}" for c, n in zip(concept_set.concepts, names)]
+    lines += ["", "prompt output: " + together_prompt(concept_set, names),
+              "AttenCraft Concept Prompt turns <c0>, <c1>... into these names; or type embedding:<name> yourself "
+              "(after a space, not a comma)."]
     return "\n".join(lines)
+
+
+def training_plan(name: str, sets_dir: str | Path, resume: bool, overwrite: bool) -> tuple[str, list[str]]:
+    """What Train does with `name`: "new", "resume" or "replace", with notes. A name in use (a finished set or
+    a stopped run) needs resume or overwrite; nothing is replaced silently."""
+    sets_dir = Path(sets_dir)
+    final, run_dir = sets_dir / f"{name}.safetensors", sets_dir / f"{name}_run"
+    checkpoint = run_dir / "checkpoint.safetensors"
+    in_use = final.exists() or (run_dir.is_dir() and bool(earlier_run_files(run_dir)))
+    if resume:
+        if checkpoint.is_file():
+            return "resume", [f"resuming {name} from {checkpoint}"]
+        if in_use:
+            raise AttenCraftError(
+                f"{name!r} has no checkpoint to resume (a finished run keeps it only with keep_checkpoint on): turn "
+                "resume off and overwrite on to train it again, or change name.")
+        return "new", [f"nothing to resume under {name!r}; training from step 0"]
+    if in_use:
+        if overwrite:
+            return "replace", [f"overwrite is on: the earlier {name} is replaced"]
+        what = "a concept set" if final.exists() else "a stopped run (resume can continue it)"
+        raise AttenCraftError(f"The name {name!r} is already used by {what}: turn on overwrite to replace it, turn "
+                              "on resume to continue its run, or change name.")
+    return "new", []
 
 
 def check_lora_keys(kohya: dict[str, torch.Tensor], key_map: dict[str, str]) -> None:

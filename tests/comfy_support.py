@@ -4,6 +4,7 @@ SD-1.5-detected checkpoint, and a server on 127.0.0.1."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import socket
@@ -98,7 +99,7 @@ def free_port() -> int:
 class ComfyServer:
     """ComfyUI started headless on 127.0.0.1 with --cpu and the pack loaded via --extra-model-paths-config."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = ()):
         self.base = base
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -115,7 +116,7 @@ class ComfyServer:
         self.process = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--base-directory", str(base), "--extra-model-paths-config", str(self.config),
-             "--disable-auto-launch"],
+             "--disable-auto-launch", *extra_args],
             cwd=comfy_dir(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -139,3 +140,35 @@ class ComfyServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+def load_client():
+    """scripts/run_workflow.py (the headless client) as a module."""
+    spec = importlib.util.spec_from_file_location("run_workflow", ROOT / "scripts" / "run_workflow.py")
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    return client
+
+
+def api_workflow(name: str, ckpt: str, **overrides) -> dict:
+    """A bundled API workflow on checkpoint `ckpt`, 2 sampling steps, with `node.input=value` overrides."""
+    wf = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    for node in wf.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = ckpt
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    return load_client().apply_overrides(wf, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def find_mask_seed(run, ckpt: str) -> int:
+    """A tiny checkpoint has random attention: the first mask seed whose masks separate the two concepts.
+    `run(workflow)` returns the history entry."""
+    client = load_client()
+    for seed in range(12):
+        entry = run(api_workflow("attencraft_masks_only", ckpt, **{"3.seed": seed, "3.threshold": 0.0}))
+        message = client.failure_message(entry)
+        if message is None:
+            return seed
+        assert "Try another seed" in message or "No pixel" in message, message
+    raise AssertionError("no seed separated the concepts on the random tiny checkpoint")

@@ -1,171 +1,321 @@
 """Writes the bundled workflows in ComfyUI's API format (workflows/api/) and UI format (workflows/ui/) from one
-description each, so the two never disagree. Run: python workflows/build_workflows.py
+description each, and the example image they load. Run: python workflows/build_workflows.py
 
-NODE_TYPES lists, per node type, its inputs in ComfyUI's order (sockets and widgets) and its outputs; the
-integration tests check it against a real ComfyUI's /object_info.
+The node types' inputs (order, widgets, seed controls) come from node_specs.json: ComfyUI's /object_info for the
+node types used, recorded from a running ComfyUI with the pack (`--record http://127.0.0.1:8188`). The
+integration tests compare it with a live server's, so the workflows cannot drift from the node schemas.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
 HERE = Path(__file__).resolve().parent
+SPECS = HERE / "node_specs.json"
+EXAMPLE = HERE / "attencraft_example.png"
 NO_FILE = "(none: use the concept_set input)"
-
-# name -> (inputs [(name, socket type or "WIDGET" or "SEED" (widget + control_after_generate))], outputs [(name, type)])
-NODE_TYPES = {
-    "CheckpointLoaderSimple": ([("ckpt_name", "WIDGET")], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
-    "LoadImage": ([("image", "WIDGET"), ("upload", "UPLOAD")], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
-    "CLIPTextEncode": ([("text", "WIDGET"), ("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
-    "EmptyLatentImage": ([("width", "WIDGET"), ("height", "WIDGET"), ("batch_size", "WIDGET")],
-                         [("LATENT", "LATENT")]),
-    "KSampler": ([("model", "MODEL"), ("seed", "SEED"), ("steps", "WIDGET"), ("cfg", "WIDGET"),
-                  ("sampler_name", "WIDGET"), ("scheduler", "WIDGET"), ("positive", "CONDITIONING"),
-                  ("negative", "CONDITIONING"), ("latent_image", "LATENT"), ("denoise", "WIDGET")],
-                 [("LATENT", "LATENT")]),
-    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
-    "SaveImage": ([("images", "IMAGE"), ("filename_prefix", "WIDGET")], []),
-    "MaskToImage": ([("mask", "MASK")], [("IMAGE", "IMAGE")]),
-    "AttenCraftExtractConceptMasks": (
-        [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("image", "IMAGE"), ("concepts", "WIDGET"),
-         ("seed", "WIDGET"), ("t_min", "WIDGET"), ("t_max", "WIDGET"), ("threshold", "WIDGET")],
-        [("masks", "MASK"), ("overlay", "IMAGE"), ("concepts", "ATTENCRAFT_CONCEPTS")]),
-    "AttenCraftTrainLoRA": (
-        [("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("image", "IMAGE"), ("steps", "WIDGET"),
-         ("learning_rate", "WIDGET"), ("rank", "WIDGET"), ("sampling_policy", "WIDGET"), ("seed", "WIDGET"),
-         ("name", "WIDGET"), ("concepts", "ATTENCRAFT_CONCEPTS"), ("masks", "MASK"), ("concept_words", "WIDGET"),
-         ("prior_images", "IMAGE"), ("loss_mask_margin", "WIDGET")],
-        [("concept_set", "ATTENCRAFT_CONCEPT_SET"), ("lora_name", "STRING"), ("loss_curve", "IMAGE")]),
-    "AttenCraftApplyConcepts": (
-        [("model", "MODEL"), ("clip", "CLIP"), ("strength", "WIDGET"), ("saved_concept_set", "WIDGET"),
-         ("concept_set", "ATTENCRAFT_CONCEPT_SET")],
-        [("model", "MODEL"), ("clip", "CLIP"), ("prompt_syntax", "STRING")]),
-}
-
 CKPT = "v1-5-pruned-emaonly.safetensors"
-IMAGE = "attencraft_two_objects.png"
 NAME = "attencraft_concepts"
+WORDS = "ball, cube"
 NEGATIVE = "blurry, low quality, deformed"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+VIRTUAL = {"Note"}  # frontend-only nodes: in the UI file, not in the API file
+GROUP_ORDER = ["load", "masks", "training", "generation"]
+GROUP_COLOURS = {"load": "#3f789e", "masks": "#8A8", "training": "#b58b2a", "generation": "#a1309b"}
 
 
-def sampler_chain(nodes: dict, first_id: int, model, clip, vae, prompts: list[tuple[str, str]]) -> None:
-    """Negative prompt, one latent, and for each (prompt, prefix): encode, sample, decode, save."""
-    neg, latent = first_id, first_id + 1
-    nodes[neg] = ("CLIPTextEncode", {"text": NEGATIVE, "clip": clip})
-    nodes[latent] = ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1})
-    nid = latent + 1
-    for text, prefix in prompts:
-        nodes[nid] = ("CLIPTextEncode", {"text": text, "clip": clip})
-        nodes[nid + 1] = ("KSampler", {"model": model, "seed": 42, "steps": 30, "cfg": 7.5, "sampler_name": "euler",
-                                       "scheduler": "normal", "positive": (nid, 0), "negative": (neg, 0),
-                                       "latent_image": (latent, 0), "denoise": 1.0})
-        nodes[nid + 2] = ("VAEDecode", {"samples": (nid + 1, 0), "vae": vae})
-        nodes[nid + 3] = ("SaveImage", {"images": (nid + 2, 0), "filename_prefix": prefix})
-        nid += 4
+@dataclass
+class Node:
+    """One node of a bundled workflow: type, input values (a (node id, output slot) tuple is a link), the
+    group it sits in and its column inside the group."""
+
+    id: int
+    type: str
+    values: dict = field(default_factory=dict)
+    group: str = "load"
+    column: int = 0
+    title: str | None = None
 
 
-def concept_prompts(name: str) -> list[tuple[str, str]]:
-    c0, c1 = f"embedding:{name}_c0", f"embedding:{name}_c1"
-    return [(f"a photo of {c0} on the beach", "attencraft/c0_alone"),
-            (f"a photo of {c1} on the beach", "attencraft/c1_alone"),
-            (f"a photo of {c0} and {c1}", "attencraft/together")]
+# ---- the node types ----------------------------------------------------------------------------------------------
+def load_specs() -> dict:
+    return json.loads(SPECS.read_text())
 
 
-def full_pipeline() -> dict:
-    n = {1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}),
-         2: ("LoadImage", {"image": IMAGE, "upload": "image"}),
-         3: ("AttenCraftExtractConceptMasks", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (2, 0),
-                                               "concepts": "cat, dog", "seed": 0, "t_min": 0, "t_max": 300,
-                                               "threshold": 0.1}),
-         4: ("SaveImage", {"images": (3, 1), "filename_prefix": "attencraft/overlay"}),
-         5: ("AttenCraftTrainLoRA", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (2, 0), "steps": 500,
-                                     "learning_rate": 1e-4, "rank": 16, "sampling_policy": "adaptive", "seed": 0,
-                                     "name": NAME, "concepts": (3, 2), "concept_words": "",
-                                     "loss_mask_margin": 0}),
-         6: ("SaveImage", {"images": (5, 2), "filename_prefix": "attencraft/loss"}),
-         7: ("AttenCraftApplyConcepts", {"model": (1, 0), "clip": (1, 1), "strength": 1.0,
-                                         "saved_concept_set": NO_FILE, "concept_set": (5, 0)})}
-    sampler_chain(n, 10, (7, 0), (7, 1), (1, 2), concept_prompts(NAME))
-    return n
+def record_specs(server: str, types: set[str]) -> None:
+    """Save the /object_info entries of `types` from a running ComfyUI (with the pack loaded)."""
+    with urllib.request.urlopen(f"{server.rstrip('/')}/object_info", timeout=60) as r:
+        info = json.loads(r.read())
+    missing = sorted(types - set(info))
+    if missing:
+        raise SystemExit(f"{server} does not know {', '.join(missing)}: is the pack loaded?")
+    keep = ("input", "input_order", "output", "output_name")
+    SPECS.write_text(json.dumps({t: {k: info[t][k] for k in keep} for t in sorted(types)}, indent=1) + "\n")
+    print(f"wrote {SPECS}")
 
 
-def masks_only() -> dict:
-    return {1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}),
-            2: ("LoadImage", {"image": IMAGE, "upload": "image"}),
-            3: ("AttenCraftExtractConceptMasks", {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (2, 0),
-                                                  "concepts": "cat, dog", "seed": 0, "t_min": 0, "t_max": 300,
-                                                  "threshold": 0.1}),
-            4: ("SaveImage", {"images": (3, 1), "filename_prefix": "attencraft/overlay"}),
-            5: ("MaskToImage", {"mask": (3, 0)}),
-            6: ("SaveImage", {"images": (5, 0), "filename_prefix": "attencraft/mask"})}
+def inputs_of(spec: dict) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of every input in ComfyUI's order; a COMBO's type is "COMBO"."""
+    result = []
+    for section in ("required", "optional"):
+        for name in spec["input_order"].get(section, []):
+            kind, *rest = spec["input"][section][name]
+            result.append((name, "COMBO" if isinstance(kind, list) else kind, rest[0] if rest else {}))
+    return result
 
 
-def apply_saved() -> dict:
-    n = {1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}),
-         2: ("AttenCraftApplyConcepts", {"model": (1, 0), "clip": (1, 1), "strength": 1.0,
-                                         "saved_concept_set": f"{NAME}.safetensors"})}
-    sampler_chain(n, 10, (2, 0), (2, 1), (1, 2), concept_prompts(NAME))
-    return n
+def has_seed_control(name: str, options: dict) -> bool:
+    """Whether the frontend adds a "control after generate" widget after this input (its value is saved)."""
+    control = options.get("control_after_generate")
+    return bool(control) if control is not None else name in ("seed", "noise_seed")
+
+
+# ---- API format --------------------------------------------------------------------------------------------------
+def to_api(nodes: list[Node], specs: dict) -> dict:
+    api = {}
+    for node in nodes:
+        if node.type in VIRTUAL:
+            continue
+        known = {name for name, _, _ in inputs_of(specs[node.type])}
+        unknown = set(node.values) - known
+        if unknown:
+            raise ValueError(f"{node.type} has no input {', '.join(sorted(unknown))}")
+        api[str(node.id)] = {"class_type": node.type, "inputs": {
+            k: [str(v[0]), v[1]] if isinstance(v, tuple) else v for k, v in node.values.items()}}
+        if node.title:
+            api[str(node.id)]["_meta"] = {"title": node.title}
+    return api
+
+
+# ---- UI format ---------------------------------------------------------------------------------------------------
+TITLE, SLOT, WIDGET, MULTILINE, WIDTH, GAP = 30, 22, 26, 110, 360, 40
+
+
+def node_height(node: Node, specs: dict) -> int:
+    """Room for the node's sockets, widgets and any image it shows (generous: nothing may overlap)."""
+    if node.type in VIRTUAL:
+        return 60 + 18 * (node.values["text"].count("\n") + len(node.values["text"]) // 55)
+    spec = specs[node.type]
+    sockets = sum(1 for _, kind, _ in inputs_of(spec) if kind not in WIDGET_TYPES)
+    widgets = sum(1 + has_seed_control(n, o) + bool(o.get("image_upload")) for n, kind, o in inputs_of(spec)
+                  if kind in WIDGET_TYPES)
+    multiline = sum(1 for _, kind, o in inputs_of(spec) if kind == "STRING" and o.get("multiline"))
+    shows_image = node.type in ("SaveImage", "LoadImage", "AttenCraftExtractConceptMasks", "AttenCraftTrainLoRA")
+    return (max(sockets, len(spec["output"])) * SLOT + widgets * WIDGET + multiline * MULTILINE + 20
+            + (280 if shows_image else 0))
+
+
+def layout(nodes: list[Node], specs: dict) -> tuple[dict[int, tuple[list, list]], list[dict]]:
+    """Positions and sizes: groups left to right, columns inside a group, nodes stacked in a column; and the
+    groups' boxes."""
+    placed, groups, x = {}, [], 40
+    for group in [g for g in GROUP_ORDER if any(n.group == g for n in nodes)]:
+        members = [n for n in nodes if n.group == group]
+        columns = max(n.column for n in members) + 1
+        bottom = 0
+        for column in range(columns):
+            y = 100
+            for node in (n for n in members if n.column == column):
+                height = node_height(node, specs)
+                placed[node.id] = ([x + 20 + column * (WIDTH + GAP), y + TITLE], [WIDTH, height])
+                y += TITLE + height + GAP
+            bottom = max(bottom, y)
+        width = columns * (WIDTH + GAP) + 20 - GAP + 20
+        groups.append({"title": group, "bounding": [x, 40, width, bottom - 40], "color": GROUP_COLOURS[group],
+                       "font_size": 24, "flags": {}})
+        x += width + 60
+    return placed, groups
+
+
+def to_ui(nodes: list[Node], specs: dict) -> dict:
+    links, outgoing = [], {}
+    for node in nodes:
+        if node.type in VIRTUAL:
+            continue
+        for name, kind, _ in inputs_of(specs[node.type]):
+            value = node.values.get(name)
+            if isinstance(value, tuple):
+                source = next(n for n in nodes if n.id == value[0])
+                link_type = specs[source.type]["output"][value[1]]
+                links.append([len(links) + 1, value[0], value[1], node.id, None, link_type])
+                outgoing.setdefault(value, []).append(len(links))
+    placed, groups = layout(nodes, specs)
+    ui_nodes = []
+    for order, node in enumerate(nodes):
+        pos, size = placed[node.id]
+        entry = {"id": node.id, "type": node.type, "pos": pos, "size": size, "flags": {}, "order": order,
+                 "mode": 0, "inputs": [], "outputs": [], "properties": {"Node name for S&R": node.type}}
+        if node.title:
+            entry["title"] = node.title
+        if node.type in VIRTUAL:
+            entry.update(properties={"text": ""}, widgets_values=[node.values["text"]], color="#432", bgcolor="#653")
+            ui_nodes.append(entry)
+            continue
+        spec, widgets = specs[node.type], []
+        for name, kind, options in inputs_of(spec):
+            value = node.values.get(name, options.get("default"))
+            linked = isinstance(value, tuple)
+            if kind in WIDGET_TYPES:
+                widgets.append(options.get("default", "") if linked else value)
+                if has_seed_control(name, options):
+                    widgets.append("fixed")
+                if options.get("image_upload"):
+                    widgets.append("image")
+            if linked or kind not in WIDGET_TYPES:
+                socket = {"name": name, "type": kind, "link": None}
+                if kind in WIDGET_TYPES:
+                    socket["widget"] = {"name": name}
+                if linked:
+                    link = next(lk for lk in links if lk[3] == node.id and lk[1:3] == list(value) and lk[4] is None)
+                    link[4] = len(entry["inputs"])
+                    socket["link"] = link[0]
+                entry["inputs"].append(socket)
+        entry["outputs"] = [{"name": out_name, "type": kind, "links": outgoing.get((node.id, slot), []),
+                             "slot_index": slot}
+                            for slot, (out_name, kind) in enumerate(zip(spec["output_name"], spec["output"]))]
+        entry["widgets_values"] = widgets
+        ui_nodes.append(entry)
+    return {"last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": groups, "config": {}, "extra": {}, "version": 0.4}
+
+
+# ---- the workflows -----------------------------------------------------------------------------------------------
+def loaders(note: str) -> list[Node]:
+    return [Node(90, "Note", {"text": note}, "load"),
+            Node(1, "CheckpointLoaderSimple", {"ckpt_name": CKPT}, "load"),
+            Node(2, "LoadImage", {"image": EXAMPLE.name}, "load")]
+
+
+def generation(apply: Node, vae) -> list[Node]:
+    """Apply Concepts, a prompt per concept and one with both, each sampled with a fixed seed and saved."""
+    nodes = [apply,
+             Node(40, "AttenCraftConceptPrompt", {"concept_set": (apply.id, 3),
+                                                  "text": "a photo of <c0> on the beach"}, "generation", 0),
+             Node(41, "AttenCraftConceptPrompt", {"concept_set": (apply.id, 3),
+                                                  "text": "a photo of <c1> on the beach"}, "generation", 0),
+             Node(42, "CLIPTextEncode", {"text": NEGATIVE, "clip": (apply.id, 1)}, "generation", 0,
+                  "Negative prompt"),
+             Node(43, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, "generation", 0)]
+    prompts = [((40, 0), "attencraft/c0_alone"), ((41, 0), "attencraft/c1_alone"),
+               ((apply.id, 2), "attencraft/together")]
+    for i, (text, prefix) in enumerate(prompts):
+        nid = 50 + 10 * i
+        nodes += [Node(nid, "CLIPTextEncode", {"text": text, "clip": (apply.id, 1)}, "generation", 1 + i),
+                  Node(nid + 1, "KSampler", {"model": (apply.id, 0), "seed": 42, "steps": 30, "cfg": 7.5,
+                                             "sampler_name": "euler", "scheduler": "normal", "positive": (nid, 0),
+                                             "negative": (42, 0), "latent_image": (43, 0), "denoise": 1.0},
+                       "generation", 1 + i),
+                  Node(nid + 2, "VAEDecode", {"samples": (nid + 1, 0), "vae": vae}, "generation", 1 + i),
+                  Node(nid + 3, "SaveImage", {"images": (nid + 2, 0), "filename_prefix": prefix}, "generation",
+                       1 + i)]
+    return nodes
+
+
+def extract_node() -> Node:
+    return Node(3, "AttenCraftExtractConceptMasks", {
+        "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (2, 0), "concepts": WORDS, "seed": 0,
+        "t_min": 0, "t_max": 300, "threshold": 0.1}, "masks")
+
+
+def masks_only() -> list[Node]:
+    return [*loaders("Set Load Checkpoint to an SD 1.5 or SD 2.x checkpoint and Load Image to your picture, then "
+                     "name each object to separate in Extract Concept Masks (concepts: one word each, comma-"
+                     "separated).\n\nIf two masks overlap or one is empty: try another seed, a lower threshold or "
+                     "a more specific word."),
+            extract_node(),
+            Node(4, "SaveImage", {"images": (3, 1), "filename_prefix": "attencraft/overlay"}, "masks"),
+            Node(5, "MaskToImage", {"mask": (3, 0)}, "masks", 1),
+            Node(6, "SaveImage", {"images": (5, 0), "filename_prefix": "attencraft/mask"}, "masks", 1)]
+
+
+def full_pipeline() -> list[Node]:
+    apply = Node(7, "AttenCraftApplyConcepts", {"model": (1, 0), "clip": (1, 1), "strength": 1.0,
+                                                "saved_concept_set": NO_FILE, "concept_set": (5, 0)}, "generation")
+    return [*loaders("Set Load Checkpoint to an SD 1.5 or SD 2.x checkpoint and Load Image to your picture; name "
+                     "each object in Extract Concept Masks.\n\nTrain LoRA writes the set under its name; a name in "
+                     "use needs overwrite (or resume to continue a stopped run). Previews show in the node while "
+                     "it trains.\n\nThe Concept Prompt nodes turn <c0>, <c1> into the trained embeddings."),
+            extract_node(),
+            Node(4, "SaveImage", {"images": (3, 1), "filename_prefix": "attencraft/overlay"}, "masks"),
+            Node(5, "AttenCraftTrainLoRA", {
+                "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (2, 0), "steps": 500,
+                "learning_rate": 1e-4, "rank": 16, "sampling_policy": "adaptive", "seed": 0, "name": NAME,
+                "concepts": (3, 2)}, "training"),
+            Node(6, "SaveImage", {"images": (5, 2), "filename_prefix": "attencraft/loss"}, "training"),
+            *generation(apply, (1, 2))]
+
+
+def apply_saved() -> list[Node]:
+    apply = Node(7, "AttenCraftApplyConcepts", {"model": (1, 0), "clip": (1, 1), "strength": 1.0,
+                                                "saved_concept_set": f"{NAME}.safetensors"}, "generation")
+    return [Node(90, "Note", {"text": "Pick a trained set in Apply Concepts (saved_concept_set; press R after "
+                                      "training to refresh the list). Write prompts with <c0>, <c1> in the "
+                                      "Concept Prompt nodes."}, "load"),
+            Node(1, "CheckpointLoaderSimple", {"ckpt_name": CKPT}, "load"),
+            *generation(apply, (1, 2))]
 
 
 WORKFLOWS = {"attencraft_full_pipeline": full_pipeline, "attencraft_masks_only": masks_only,
              "attencraft_apply_saved": apply_saved}
 
 
-def to_api(nodes: dict) -> dict:
-    api = {}
-    for nid, (kind, inputs) in nodes.items():
-        api[str(nid)] = {"class_type": kind, "inputs": {
-            k: [str(v[0]), v[1]] if isinstance(v, tuple) else v for k, v in inputs.items() if k != "upload"}}
-    return api
+# ---- the example image -------------------------------------------------------------------------------------------
+def example_image(size: int = 512) -> Image.Image:
+    """A red ball and a blue cube on a table (the workflows' concepts "ball, cube"), drawn, so it ships freely."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    wall = np.stack([0.86 - 0.1 * y, 0.82 - 0.1 * y, 0.74 - 0.1 * y], -1)
+    floor = np.stack([0.55 - 0.15 * (1 - y), 0.38 - 0.12 * (1 - y), 0.22 - 0.08 * (1 - y)], -1)
+    image = Image.fromarray((np.clip(np.where((y > 0.58)[..., None], floor, wall), 0, 1) * 255).astype(np.uint8))
+    draw, s = ImageDraw.Draw(image, "RGBA"), size
+    draw.ellipse([0.16 * s, 0.74 * s, 0.46 * s, 0.82 * s], fill=(40, 25, 15, 110))  # the ball's shadow
+    draw.polygon([(0.56 * s, 0.80 * s), (0.86 * s, 0.80 * s), (0.93 * s, 0.74 * s), (0.64 * s, 0.74 * s)],
+                 fill=(40, 25, 15, 110))  # the cube's shadow
+    cx, cy, r = 0.3, 0.62, 0.16  # the ball: a sphere lit from the upper left, with a highlight
+    d2 = ((x - cx) ** 2 + (y - cy) ** 2) / r ** 2
+    light = np.clip(-0.5 * (x - cx) / r - 0.6 * (y - cy) / r + 0.62 * np.sqrt(np.clip(1 - d2, 0, 1)), 0, 1)
+    shade, highlight = 0.25 + 0.75 * light, light ** 30
+    ball = np.stack([0.85 * shade + highlight, 0.1 * shade + highlight, 0.08 * shade + highlight], -1)
+    pixels = np.where((d2 <= 1)[..., None], np.clip(ball, 0, 1), np.asarray(image) / 255)
+    image = Image.fromarray((pixels * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.polygon([(0.56 * s, 0.52 * s), (0.80 * s, 0.52 * s), (0.80 * s, 0.78 * s), (0.56 * s, 0.78 * s)],
+                 fill=(40, 80, 200))  # the cube: front, top, side
+    draw.polygon([(0.56 * s, 0.52 * s), (0.64 * s, 0.45 * s), (0.88 * s, 0.45 * s), (0.80 * s, 0.52 * s)],
+                 fill=(110, 150, 235))
+    draw.polygon([(0.80 * s, 0.52 * s), (0.88 * s, 0.45 * s), (0.88 * s, 0.71 * s), (0.80 * s, 0.78 * s)],
+                 fill=(22, 45, 130))
+    return image.filter(ImageFilter.SMOOTH)
 
 
-def to_ui(nodes: dict) -> dict:
-    links, ui_nodes = [], []
-    outgoing: dict[tuple[int, int], list[int]] = {}
-    for nid, (kind, inputs) in nodes.items():
-        spec_inputs, _ = NODE_TYPES[kind]
-        for name, socket in spec_inputs:
-            value = inputs.get(name)
-            if isinstance(value, tuple):
-                link_id = len(links) + 1
-                links.append([link_id, value[0], value[1], nid, None, socket])
-                outgoing.setdefault(value, []).append(link_id)
-    order = {nid: i for i, nid in enumerate(nodes)}
-    for index, (nid, (kind, inputs)) in enumerate(nodes.items()):
-        spec_inputs, spec_outputs = NODE_TYPES[kind]
-        ui_inputs, widgets = [], []
-        for name, socket in spec_inputs:
-            value = inputs.get(name)
-            if socket in ("WIDGET", "SEED", "UPLOAD"):
-                widgets.append(value)
-                if socket == "SEED":
-                    widgets.append("fixed")
-            elif isinstance(value, tuple):
-                link = next(lk for lk in links if lk[3] == nid and lk[1:3] == list(value) and lk[4] is None)
-                link[4] = len(ui_inputs)
-                ui_inputs.append({"name": name, "type": socket, "link": link[0]})
-            else:
-                ui_inputs.append({"name": name, "type": socket, "link": None})
-        outputs = [{"name": name, "type": typ, "links": outgoing.get((nid, slot), []), "slot_index": slot}
-                   for slot, (name, typ) in enumerate(spec_outputs)]
-        column, row = divmod(index, 4)
-        ui_nodes.append({"id": nid, "type": kind, "pos": [40 + 360 * column, 40 + 260 * row], "size": [320, 220],
-                         "flags": {}, "order": order[nid], "mode": 0, "inputs": ui_inputs, "outputs": outputs,
-                         "properties": {"Node name for S&R": kind}, "widgets_values": widgets})
-    return {"last_node_id": max(nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
-
-
-def main() -> None:
+def rendered(specs: dict) -> dict[str, str]:
+    """Every workflow file's text by its path under workflows/ (what main writes)."""
+    files = {}
     for name, build in WORKFLOWS.items():
         nodes = build()
         for fmt, convert in (("api", to_api), ("ui", to_ui)):
-            folder = HERE / fmt
-            folder.mkdir(exist_ok=True)
-            (folder / f"{name}.json").write_text(json.dumps(convert(nodes), indent=2) + "\n")
-            print(f"wrote {folder / name}.json")
+            files[f"{fmt}/{name}.json"] = json.dumps(convert(nodes, specs), indent=2) + "\n"
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--record", metavar="URL", help="first save node_specs.json from this running ComfyUI")
+    args = ap.parse_args(argv)
+    if args.record:
+        record_specs(args.record, {n.type for build in WORKFLOWS.values() for n in build()} - VIRTUAL)
+    for path, text in rendered(load_specs()).items():
+        (HERE / path).parent.mkdir(exist_ok=True)
+        (HERE / path).write_text(text)
+        print(f"wrote {HERE / path}")
+    example_image().save(EXAMPLE)
+    print(f"wrote {EXAMPLE}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark: seconds per AttenCraft training step vs a plain LoRA step, and mask extraction vs one forward.
 
-Same UNet, latent size and LoRA targets for both steps (batch = instance + prior image). Random weights with
+Same UNet, latent size and LoRA targets for both steps (batch = instance + prior image); also the cost of one
+training preview (--preview-every) as a share of the training time. Random weights with
 the real SD geometry: `--family sd1` (SD 1.5 UNet, 860 M) or `sd2` (SD 2.1-base). Prints a table; not a test.
 
     python -m attencraft_lab.bench.training_speed                                # CPU, SD 1.5 shape, 256 px
@@ -87,6 +88,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, fp16, bf16+gc (gc = gradient checkpointing)")
+    ap.add_argument("--preview-every", type=int, default=100,
+                    help="the training-preview interval whose cost is reported (0: not measured)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -140,6 +143,10 @@ def main() -> None:
         trainer.step(next(counter))  # warm-up
         t_ac = timed(lambda: trainer.step(next(counter)), args.steps, device)
         mem = peak_memory(device)
+        if args.preview_every:
+            t_preview = timed(lambda: trainer.preview("bench", 0), 1, device)
+            previews.append(f"| {variant} | {t_preview:.2f} | {t_ac:.2f} | {args.preview_every} | "
+                            f"{100 * t_preview / (args.preview_every * t_ac):.1f} % |")
 
         # plain LoRA fine-tuning step on the same UNet + LoRA: batch 2, MSE, fused attention, frozen text
         unet = comps_v.unet
@@ -166,8 +173,13 @@ def main() -> None:
         t_plain = timed(plain_step, args.steps, device)
         return f"| {variant} | {t_ac:.2f} | {t_plain:.2f} | {t_ac / t_plain:.2f} | {mem} |"
 
+    previews: list[str] = []
     for variant in args.precisions.split(","):
         print(measure(variant))
+    if previews:
+        print(f"\n| precision | one training preview s ({len(concepts)} concepts) | AttenCraft step s | every N "
+              "steps | added training time |\n| --- | --- | --- | --- | --- |")
+        print("\n".join(previews))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ Start: ComfyUI on 127.0.0.1 with --cpu, the pack loaded via --extra-model-paths-
 checkpoint generated here. Every bundled API workflow runs; UI workflows resolve against /object_info.
 """
 
-import importlib.util
 import io
 import json
 import time
@@ -17,17 +16,12 @@ from PIL import Image
 from safetensors import safe_open
 
 from attencraft_core.checkpoint import load_checkpoint
-from comfy_support import ROOT, ComfyServer, build_sd15_checkpoint, comfy_dir
-from helpers import two_object_array
+from comfy_support import ROOT, ComfyServer, api_workflow, build_sd15_checkpoint, comfy_dir, find_mask_seed, load_client
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")]
 
-spec = importlib.util.spec_from_file_location("run_workflow", ROOT / "scripts" / "run_workflow.py")
-client = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(client)
-
-SOCKETS_ARE_NOT = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+client = load_client()
 CKPT = "tiny_sd15.safetensors"
 
 
@@ -35,8 +29,6 @@ CKPT = "tiny_sd15.safetensors"
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     build_sd15_checkpoint(base / "models" / "checkpoints" / CKPT)
-    (base / "input").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(two_object_array(512)).save(base / "input" / "attencraft_two_objects.png")
     started = time.time()
     srv = ComfyServer(base)
     srv.startup_seconds = time.time() - started
@@ -45,13 +37,7 @@ def server(tmp_path_factory):
 
 
 def workflow(name: str, **overrides) -> dict:
-    wf = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
-    for node in wf.values():
-        if node["class_type"] == "CheckpointLoaderSimple":
-            node["inputs"]["ckpt_name"] = CKPT
-        if node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 2
-    return client.apply_overrides(wf, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return api_workflow(name, CKPT, **overrides)
 
 
 def run(server, wf: dict, timeout=900):
@@ -73,37 +59,21 @@ def image_outputs(server, entry, node_id):
 
 @pytest.fixture(scope="module")
 def mask_seed(server):
-    """The tiny checkpoint has random attention: the first mask seed whose masks separate the two concepts."""
-    for seed in range(12):
-        entry, _ = run(server, workflow("attencraft_masks_only", **{"3.seed": seed, "3.threshold": 0.0}))
-        if client.failure_message(entry) is None:
-            return seed
-        assert "Try another --seed" in client.failure_message(entry) or "No pixel" in client.failure_message(entry)
-    pytest.fail("no seed separated the concepts on the random tiny checkpoint")
+    return find_mask_seed(lambda wf: run(server, wf)[0], CKPT)
 
 
-def test_ui_workflows_resolve_against_object_info(server):
+def test_the_workflows_node_specs_are_the_servers(server):
+    """workflows/node_specs.json (what build_workflows.py writes the workflows from) is this ComfyUI's
+    /object_info for those node types, so the bundled workflows match the nodes as they are."""
     info = server.get("/object_info")
-    for path in sorted((ROOT / "workflows" / "ui").glob("*.json")):
-        ui = json.loads(path.read_text())
-        outputs_of = {}
-        for node in ui["nodes"]:
-            assert node["type"] in info, f"{path.name}: unknown node {node['type']}"
-            spec = info[node["type"]]
-            order = spec["input_order"]["required"] + spec["input_order"].get("optional", [])
-            all_inputs = {**spec["input"]["required"], **spec["input"].get("optional", {})}
-            widgets = [n for n in order if isinstance(all_inputs[n][0], list) or all_inputs[n][0] in SOCKETS_ARE_NOT]
-            extra = sum(1 for n in widgets if all_inputs[n][1].get("control_after_generate")
-                        or n == "seed" and node["type"] == "KSampler")
-            extra += sum(1 for n in widgets if all_inputs[n][1].get("image_upload"))
-            assert len(node["widgets_values"]) == len(widgets) + extra, f"{path.name}: {node['type']} widgets"
-            for socket in node["inputs"]:
-                assert socket["name"] in all_inputs, f"{path.name}: {node['type']} has no input {socket['name']}"
-            outputs_of[node["id"]] = spec["output"]
-        for link_id, src, slot, dst, dst_slot, typ in ui["links"]:
-            assert outputs_of[src][slot] == typ, f"{path.name}: link {link_id} type {typ}"
-            target = next(n for n in ui["nodes"] if n["id"] == dst)
-            assert target["inputs"][dst_slot]["link"] == link_id
+    recorded = json.loads((ROOT / "workflows" / "node_specs.json").read_text())
+    for kind, spec in recorded.items():
+        assert kind in info, f"unknown node {kind}"
+        live = {k: info[kind][k] for k in spec}
+        if kind == "AttenCraftApplyConcepts":  # the saved-set list depends on the folder's files
+            for s in (live, spec):
+                s["input"]["required"]["saved_concept_set"][1]["options"] = []
+        assert live == spec, f"{kind} differs from node_specs.json: run build_workflows.py --record"
     for path in sorted((ROOT / "workflows" / "api").glob("*.json")):
         for node in json.loads(path.read_text()).values():
             assert node["class_type"] in info
@@ -120,37 +90,50 @@ def test_masks_only_workflow(server, mask_seed):
 def full(server, mask_seed, name, steps, **extra):
     return workflow("attencraft_full_pipeline", **extra, **{
         "3.seed": mask_seed, "3.threshold": 0.0, "5.steps": steps, "5.learning_rate": 0.01, "5.rank": 4,
-        "5.name": name, "5.prior_images": ["2", 0],
-        **{f"{nid}.text": f"a photo of embedding:{name}_c{i} on the beach" for nid, i in (("12", 0), ("16", 1))},
-        "20.text": f"a photo of embedding:{name}_c0 and embedding:{name}_c1"})
+        "5.name": name, "5.prior_images": ["2", 0], "5.preview_every": 0})
+
+
+def shown_text(entry, node_id) -> str:
+    return "".join(entry["outputs"][node_id]["text"])
 
 
 def test_full_pipeline_then_apply_saved(server, mask_seed):
     started = time.time()
-    entry, events = run(server, full(server, mask_seed, "duo", 3, **{"5.loss_mask_margin": 2}))
+    entry, events = run(server, full(server, mask_seed, "duo", 3, **{"5.loss_mask_margin": 2,
+                                                                      "5.preview_every": 3}))
     seconds = time.time() - started
     assert client.failure_message(entry) is None, client.failure_message(entry)
     assert any("[node 5 AttenCraftTrainLoRA] 3/3" in e for e in events)
     base = server.base / "models"
     assert (base / "loras" / "attencraft" / "duo.safetensors").is_file()
-    assert (base / "embeddings" / "duo_c0.safetensors").is_file()
-    assert (base / "embeddings" / "duo_c1.safetensors").is_file()
+    prompt = shown_text(entry, "40")
+    assert prompt.startswith("a photo of embedding:attencraft/duo_") and prompt.endswith("_c0 on the beach")
+    embedding = prompt.split("embedding:")[1].split()[0]
+    assert (base / "embeddings" / f"{embedding}.safetensors").is_file()
+    run_dir = base / "attencraft" / "duo_run"
+    assert (run_dir / "duo_preview_000003.png").is_file()
+    assert not (run_dir / "checkpoint.safetensors").exists()  # a finished run keeps what a user needs only
     with safe_open(base / "attencraft" / "duo.safetensors", "pt") as f:
         assert json.loads(f.metadata()["training"])["loss_mask_margin"] == 2  # the node's input reached training
     log = (server.base / "comfyui.log").read_text()
-    assert "lora key not loaded" not in log
-    together = image_outputs(server, entry, "23")[0]
-    c0 = image_outputs(server, entry, "15")[0]
+    assert "lora key not loaded" not in log and "does not exist, ignoring" not in log
+    together = image_outputs(server, entry, "73")[0]
+    c0 = image_outputs(server, entry, "53")[0]
 
-    saved, _ = run(server, workflow("attencraft_apply_saved", **{"2.saved_concept_set": "duo.safetensors",
-                                                                 "12.text": "a photo of embedding:duo_c0 on the beach"}))
+    saved, _ = run(server, workflow("attencraft_apply_saved", **{"7.saved_concept_set": "duo.safetensors"}))
     assert client.failure_message(saved) is None, client.failure_message(saved)
-    assert np.array_equal(image_outputs(server, saved, "15")[0], c0)  # the saved set reproduces the run
-    base_model, _ = run(server, workflow("attencraft_apply_saved", **{"2.saved_concept_set": "duo.safetensors",
-                                                                      "2.strength": 0.0,
-                                                                      "12.text": "a photo of embedding:duo_c0 on the beach"}))
-    assert not np.array_equal(image_outputs(server, base_model, "15")[0], c0)  # the LoRA changes generation
+    assert shown_text(saved, "40") == prompt  # the same embedding names: same content
+    assert np.array_equal(image_outputs(server, saved, "53")[0], c0)  # the saved set reproduces the run
+    base_model, _ = run(server, workflow("attencraft_apply_saved", **{"7.saved_concept_set": "duo.safetensors",
+                                                                      "7.strength": 0.0}))
+    assert not np.array_equal(image_outputs(server, base_model, "53")[0], c0)  # the LoRA changes generation
     assert together.shape == (512, 512, 3)
+
+    again, _ = run(server, full(server, mask_seed, "duo", 3, **{"5.seed": 1}))
+    assert "already used" in client.failure_message(again) and "overwrite" in client.failure_message(again)
+    replaced, _ = run(server, full(server, mask_seed, "duo", 3, **{"5.seed": 1, "5.overwrite": True}))
+    assert client.failure_message(replaced) is None, client.failure_message(replaced)
+    assert shown_text(replaced, "40") != prompt  # a retrained set gets new embedding names, never stale ones
     print(f"\nfull pipeline (3 training steps, 3 x 2 sampling steps) took {seconds:.0f} s; "
           f"ComfyUI started in {server.startup_seconds:.0f} s")
 
@@ -187,11 +170,27 @@ def test_cancel_during_training_keeps_the_last_checkpoint(server, mask_seed):
     history = server.get(f"/history/{prompt_id}")[prompt_id]
     assert client.failure_message(history).startswith("interrupted")
 
+    refused, _ = run(server, full(server, mask_seed, "cancelled", 60))
+    assert "stopped run" in client.failure_message(refused) and "resume" in client.failure_message(refused)
+    steps = state["step"] + 2
+    resumed, _ = run(server, full(server, mask_seed, "cancelled", steps, **{"5.resume": True}))
+    assert client.failure_message(resumed) is None, client.failure_message(resumed)
+    with safe_open(server.base / "models" / "attencraft" / "cancelled.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["training"])["steps_done"] == steps
+    log = json.loads((checkpoint.parent / "cancelled_train.json").read_text())
+    assert [h["step"] for h in log["history"]] == list(range(1, steps + 1))  # continued, not restarted
+    assert not checkpoint.exists()
+
 
 def test_bad_inputs_are_node_errors_and_the_server_keeps_serving(server, mask_seed):
     entry, _ = run(server, workflow("attencraft_masks_only", **{"3.concepts": "cat"}))
     message = client.failure_message(entry)
     assert "AttenCraftExtractConceptMasks" in message and "at least two concepts" in message
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert error["exception_type"] == "AttenCraft.AttenCraftNodeError"  # a readable type, not a file path
+    entry, _ = run(server, workflow("attencraft_masks_only", **{"3.seed": 0, "3.threshold": 0.99}))
+    message = client.failure_message(entry)
+    assert "threshold" in message and "--" not in message  # node inputs, not command-line flags
     with pytest.raises(client.ClientError, match="node 2 \\(LoadImage\\)"):
         client.queue(server.url, workflow("attencraft_masks_only", **{"2.image": "missing.png"}), "x")
     entry, _ = run(server, full(server, mask_seed, "../escape", 1))

@@ -76,12 +76,14 @@ def concept_set(family, dim, tiny_unet=None):
 
 def test_files_land_in_comfyui_folders_with_the_keys_its_loaders_read(tiny, tmp_path):
     cs = concept_set("sd1", 768, tiny.unet)
-    paths = logic.comfy_file_paths("duo", tmp_path / "loras", tmp_path / "embeddings", tmp_path / "sets", 2)
+    paths = logic.comfy_file_paths("duo", tmp_path / "loras", tmp_path / "sets")
     logic.write_comfy_files(cs, paths)
+    names = logic.write_embeddings(cs, "duo", tmp_path / "embeddings")
     assert paths["lora"] == tmp_path / "loras" / "attencraft" / "duo.safetensors"
     assert ConceptSet.load(tmp_path / "sets" / "duo.safetensors").family == "sd1"
-    for i in range(2):
-        emb = load_file(tmp_path / "embeddings" / f"duo_c{i}.safetensors")
+    for i, name in enumerate(names):
+        assert name == f"attencraft/duo_{cs.content_hash()}_c{i}"
+        emb = load_file(tmp_path / "embeddings" / f"{name}.safetensors")
         assert list(emb) == ["clip_l"] and emb["clip_l"].shape == (1, 768)
         torch.testing.assert_close(emb["clip_l"][0], cs.embeddings[i])
     # ComfyUI maps "lora_unet_" + diffusers module path with "_" onto UNet weights (comfy.lora.model_lora_keys_unet)
@@ -91,6 +93,26 @@ def test_files_land_in_comfyui_folders_with_the_keys_its_loaders_read(tiny, tmp_
     suffixes = {k.split(".", 1)[1] for k in kohya}
     assert suffixes == {"lora_down.weight", "lora_up.weight", "alpha"}
     assert all(float(v) == 4.0 for k, v in kohya.items() if k.endswith(".alpha"))
+
+
+def test_two_sets_under_one_name_never_share_an_embedding_name(tmp_path):
+    """Set B trained under set A's name must not render with A's embeddings (the stale-embedding case)."""
+    a, b = concept_set("sd1", 768), concept_set("sd1", 768)
+    names_a = logic.write_embeddings(a, "shared name", tmp_path)
+    names_b = logic.write_embeddings(b, "shared name", tmp_path)
+    assert not set(names_a) & set(names_b) and all(" " not in n for n in names_a)
+    for name, cs in ((names_a[0], a), (names_b[0], b)):
+        torch.testing.assert_close(load_file(tmp_path / f"{name}.safetensors")["clip_l"][0], cs.embeddings[0])
+    again = ConceptSet(a.concepts, a.embeddings.clone(), {}, 2, 4.0, "kv", "sd1")
+    assert logic.embedding_names(again, "shared name") == names_a  # same content, same names
+
+
+def test_embeddings_are_rewritten_on_every_apply(tmp_path):
+    cs = concept_set("sd1", 768)
+    name = logic.write_embeddings(cs, "duo", tmp_path)[0]
+    (tmp_path / f"{name}.safetensors").write_bytes(b"damaged")
+    logic.write_embeddings(cs, "duo", tmp_path)
+    torch.testing.assert_close(load_file(tmp_path / f"{name}.safetensors")["clip_l"][0], cs.embeddings[0])
 
 
 def test_sd2_embeddings_use_clip_h(tmp_path):
@@ -104,10 +126,36 @@ def test_unknown_lora_keys_are_an_error():
         logic.check_lora_keys({"lora_unet_nowhere.lora_down.weight": torch.zeros(1)}, {"lora_unet_x": "x"})
 
 
-def test_prompt_syntax_names_every_concept():
-    text = logic.prompt_syntax(concept_set("sd1", 768), "duo")
-    assert "<c0> (cat): embedding:duo_c0" in text and "<c1> (dog): embedding:duo_c1" in text
-    assert "a photo of embedding:duo_c0 and embedding:duo_c1" in text
+def test_prompts_name_each_concept_by_its_embedding():
+    cs = concept_set("sd1", 768)
+    names = logic.embedding_names(cs, "duo")
+    assert logic.together_prompt(cs, names) == f"a photo of embedding:{names[0]} and embedding:{names[1]}"
+    assert logic.fill_prompt("a photo of <c1> on the beach", cs, names) == \
+        f"a photo of embedding:{names[1]} on the beach"
+    # ComfyUI needs a space (or the start, or a bracket) before embedding:
+    assert logic.fill_prompt("<c0>,(<c1>:1.2) x<c0>", cs, names) == \
+        f"embedding:{names[0]},(embedding:{names[1]}:1.2) x embedding:{names[0]}"
+    with pytest.raises(AttenCraftError, match="uses <c2>.*defines: <c0> \\(cat\\), <c1> \\(dog\\)"):
+        logic.fill_prompt("a photo of <c2>", cs, names)
+    text = logic.prompt_syntax(cs, names)
+    assert f"<c0> = cat: embedding:{names[0]}" in text and f"<c1> = dog: embedding:{names[1]}" in text
+
+
+def test_a_name_in_use_needs_resume_or_overwrite(tmp_path):
+    assert logic.training_plan("duo", tmp_path, resume=False, overwrite=False) == ("new", [])
+    concept_set("sd1", 768).save(tmp_path / "duo.safetensors")
+    with pytest.raises(AttenCraftError, match="'duo' is already used by a concept set: turn on overwrite"):
+        logic.training_plan("duo", tmp_path, resume=False, overwrite=False)
+    assert logic.training_plan("duo", tmp_path, resume=False, overwrite=True)[0] == "replace"
+    with pytest.raises(AttenCraftError, match="no checkpoint to resume"):
+        logic.training_plan("duo", tmp_path, resume=True, overwrite=False)
+    (tmp_path / "duo_run").mkdir()
+    (tmp_path / "duo_run" / "checkpoint.safetensors").write_bytes(b"x")
+    assert logic.training_plan("duo", tmp_path, resume=True, overwrite=False)[0] == "resume"
+    (tmp_path / "duo.safetensors").unlink()
+    with pytest.raises(AttenCraftError, match="a stopped run"):  # a stopped run is not replaced silently either
+        logic.training_plan("duo", tmp_path, resume=False, overwrite=False)
+    assert logic.training_plan("new one", tmp_path, resume=True, overwrite=False)[0] == "new"
 
 
 SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,

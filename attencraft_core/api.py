@@ -7,11 +7,13 @@ from .attention import AttentionStore, capture_attention, layer_factors
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import run_command
 from .concept_file import PLACEHOLDER_RE, ConceptSet, embedding_key
+from .concept_tokens import ConceptTokens
 from .concepts import Concept, add_concept_tokens, concepts_prompt, parse_concepts
 from .demo import DemoResult, check_demo_settings, demo_prompts, run_demo
 from .devices import default_device, resolve_device, resolve_dtype
 from .encoding import decode_latents, encode_images, encode_prompts
 from .errors import AttenCraftError
+from .families import family_of
 from .generation import class_images, generate
 from .images import contact_sheet, ensure_rgb, image_to_tensor, load_image, mask_to_image, overlay, tensor_to_image
 from .lora import set_lora_strength, to_kohya
@@ -26,7 +28,7 @@ from .training import Trainer, TrainingCancelled, TrainResult
 from .validation import require_number, require_seed
 
 __all__ = [
-    "PLACEHOLDER_RE",    "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
+    "PLACEHOLDER_RE", "ConceptTokens", "family_of",    "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
     "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
     "add_concept_tokens", "earlier_run_files", "is_concept_set", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",
     "decode_latents", "default_device", "demo_prompts", "embedding_key", "encode_images", "encode_prompts",

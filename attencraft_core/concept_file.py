@@ -13,7 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .concepts import Concept, add_concept_tokens
+from .concept_tokens import ConceptTokens
+from .concepts import Concept
+from .families import family_named
 from .errors import AttenCraftError
 from .lora import TARGETS, load_lora_state_dict, set_lora_strength, to_kohya
 from .outputs import atomic_write
@@ -24,8 +26,8 @@ PLACEHOLDER_RE = re.compile(r"<c\d+>")
 
 
 def embedding_key(family: str) -> str:
-    """Key ComfyUI reads from a textual-inversion file: clip_l for SD 1.x, clip_h for SD 2.x."""
-    return {"sd1": "clip_l", "sd2": "clip_h"}.get(family, "emb_params")
+    """Key ComfyUI reads from a one-tower textual-inversion file: clip_l for SD 1.x, clip_h for SD 2.x."""
+    return family_named(family).embedding_keys(family, 1)[0]
 
 
 MAX_HEADER_BYTES = 16 * 2 ** 20  # a concept set's metadata is a few KB; a larger header is refused unread
@@ -62,6 +64,11 @@ class ConceptSet:
     base_model: str = ""
     masks: torch.Tensor | None = None   # [N, h, w] bool, final training masks
     training: dict = field(default_factory=dict)
+    widths: list[int] | None = None     # each text tower's part of an embedding row (SDXL: 768, 1280); None: one
+
+    @property
+    def tower_widths(self) -> list[int]:
+        return list(self.widths or [self.embeddings.shape[1]])
 
     @property
     def placeholders(self) -> list[str]:
@@ -86,6 +93,8 @@ class ConceptSet:
             "lora_rank": str(self.rank), "lora_alpha": str(self.alpha), "lora_targets": self.targets,
             "training": json.dumps(self.training),
         }
+        if self.widths:
+            metadata["embedding_widths"] = json.dumps(self.widths)
         return _save_safetensors(Path(path), tensors, metadata)
 
     @classmethod
@@ -150,6 +159,13 @@ class ConceptSet:
             rows.append(row.float())
         if len({r.shape[0] for r in rows}) != 1:
             raise bad("the concept embeddings differ in size")
+        try:
+            widths = json.loads(meta["embedding_widths"]) if "embedding_widths" in meta else None
+        except ValueError as exc:
+            raise bad(f"embedding_widths is not valid JSON ({exc})") from exc
+        if widths is not None and (not isinstance(widths, list) or not all(isinstance(w, int) and w > 0 for w in widths)
+                                   or sum(widths) != rows[0].shape[0]):
+            raise bad(f"embedding_widths {widths} do not add up to the embeddings' size {rows[0].shape[0]}")
         lora = {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")}
         if not lora:
             raise bad("it holds no LoRA weights")
@@ -170,18 +186,23 @@ class ConceptSet:
             mask_stack = None
         return cls(concepts=concepts, embeddings=torch.stack(rows), lora=lora, rank=rank, alpha=alpha,
                    targets=meta["lora_targets"], family=meta["base_family"], base_model=meta.get("base_model", ""),
-                   masks=mask_stack, training=training)
+                   masks=mask_stack, training=training, widths=widths)
 
     def check_model(self, comps) -> None:
-        """Refuse a model of another family (its LoRA and embeddings would not fit)."""
+        """Refuse a model of another family or text width (its LoRA and embeddings would not fit)."""
         if comps.family != self.family:
             raise AttenCraftError(
                 f"This concept file was trained on a {self.family} model but the model given is {comps.family}. "
                 f"Use a {self.family} base model (it was {self.base_model or 'not recorded'}).")
-        self.check_text_width(comps.text_encoder.get_input_embeddings().weight.shape[1])
+        widths = [m.get_input_embeddings().weight.shape[1] for m in comps.text_modules]
+        if widths != self.tower_widths:
+            self.check_text_width(sum(widths))
+            raise AttenCraftError(f"This concept set's text towers are {self.tower_widths} wide but the model's are "
+                                  f"{widths}: load the base model it was trained on "
+                                  f"({self.base_model or 'not recorded'}).")
 
     def check_text_width(self, width: int, model: str = "the model given") -> None:
-        """Refuse a model whose text features are not as wide as the learned embeddings."""
+        """Refuse a model whose text features (all towers together) are not as wide as the learned embeddings."""
         if width != self.embeddings.shape[1]:
             raise AttenCraftError(
                 f"This concept set was trained on a {self.family} model ({self.embeddings.shape[1]}-d text) but "
@@ -201,10 +222,7 @@ class ConceptSet:
         weight change scaled by `strength` (the embeddings stay as learned, like ComfyUI's strength on the MODEL)."""
         require_number("LoRA strength", strength, -10, 10)
         self.check_model(comps)
-        ids = add_concept_tokens(comps.tokenizer, comps.text_encoder, self.concepts)
-        with torch.no_grad():
-            table = comps.text_encoder.get_input_embeddings().weight
-            table[ids] = self.embeddings.to(table)
+        ConceptTokens.add(comps, self.concepts).set_rows(self.embeddings)
         load_lora_state_dict(comps.unet, self.lora, self.rank, self.alpha, self.targets)
         set_lora_strength(comps.unet, strength)
 
@@ -215,9 +233,12 @@ class ConceptSet:
         return _save_safetensors(Path(path), to_kohya(self.lora, self.alpha), meta)
 
     def save_embedding(self, index: int, path: str | Path) -> Path:
-        """Concept `index` as a textual-inversion file: {clip_l|clip_h|emb_params: [1, dim]}."""
+        """Concept `index` as a textual-inversion file, one [1, width] row per text tower under the key
+        ComfyUI reads: clip_l (SD 1.x), clip_h (SD 2.x), clip_l + clip_g (SDXL), emb_params (other)."""
         concept = self.concepts[index]
-        return _save_safetensors(Path(path), {embedding_key(self.family): self.embeddings[index].float()[None]},
+        keys = family_named(self.family).embedding_keys(self.family, len(self.tower_widths))
+        parts = self.embeddings[index].float().split(self.tower_widths)
+        return _save_safetensors(Path(path), {k: part[None] for k, part in zip(keys, parts)},
                                  {"word": concept.word, "placeholder": concept.placeholder})
 
     def export(self, out_dir: str | Path, name: str) -> dict[str, Path]:

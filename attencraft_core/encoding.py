@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .concepts import tokenize_prompt
+from .families import family_of
 from .model_loading import SDComponents
 
 
-def encode_prompts(comps: SDComponents, prompts: list[str]) -> torch.Tensor:
-    """[B, max_length, dim] text features for the prompts (gradients flow when the encoder trains)."""
-    ids = torch.cat([tokenize_prompt(comps.tokenizer, p) for p in prompts]).to(comps.device)
-    return comps.text_encoder(ids)[0].to(comps.dtype)
+def encode_prompts(comps: SDComponents, prompts: list[str], latents: torch.Tensor) -> dict:
+    """The UNet's text inputs for the prompts, as keyword arguments (`encoder_hidden_states`, and SDXL's
+    `added_cond_kwargs`), for latents of the given shape; gradients flow when a token table trains."""
+    image_hw = (latents.shape[-2] * comps.vae_scale_factor, latents.shape[-1] * comps.vae_scale_factor)
+    return family_of(comps).conditioning(comps, prompts, image_hw)
 
 
 def encode_images(comps: SDComponents, pixels: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .concepts import tokenize_prompt
+from .families import family_of
 from .images import load_image
 from .model_loading import SDComponents
 from .outputs import atomic_write, ensure_out_dir, save_image
@@ -18,13 +19,10 @@ from .validation import require_number, require_seed
 
 
 def make_pipeline(comps: SDComponents):
-    """A diffusers StableDiffusionPipeline over the same modules, with a DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline  # on use (see lora.py)
+    """The family's diffusers pipeline over the same modules, with a DDIM scheduler."""
+    from diffusers import DDIMScheduler  # on use (see lora.py)
 
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    pipe = family_of(comps).pipeline(comps, DDIMScheduler.from_config(comps.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

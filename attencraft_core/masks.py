@@ -10,7 +10,8 @@ from PIL import Image
 
 from . import mask_math
 from .attention import AttentionStore, capture_attention, map_side
-from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positions
+from .concept_tokens import ConceptTokens
+from .concepts import Concept, concepts_prompt, token_positions
 from .devices import free_memory
 from .encoding import encode_images, encode_prompts
 from .errors import AttenCraftError
@@ -94,7 +95,7 @@ def concept_attention(comps: SDComponents, latents: torch.Tensor, concepts: list
     noisy = comps.noise_scheduler.add_noise(latents, noise.to(latents), timesteps)
     store = AttentionStore(rows=[0])
     with torch.no_grad(), capture_attention(comps.unet, store, opts.cross_factor, opts.self_factor):
-        comps.unet(noisy, timesteps, encode_prompts(comps, [prompt])).sample
+        comps.unet(noisy, timesteps, **encode_prompts(comps, [prompt], latents)).sample
         cross, self_attn = store.mean("cross")[0], store.mean("self")[0]
     aspect = latents.shape[-1] / latents.shape[-2]
     cross_hw, self_hw = map_side(cross.shape[0], aspect), map_side(self_attn.shape[0], aspect)
@@ -152,7 +153,7 @@ def extract_masks(comps: SDComponents, image: Image.Image, concepts: list[Concep
     `progress` is told ("masks", stages done, 3): image encoded, attention recorded, masks derived."""
     opts = opts or MaskOptions()
     progress("masks", 0, 3)
-    add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
+    ConceptTokens.add(comps, concepts)
     resolution = opts.resolution or comps.native_resolution
     latents = encode_images(comps, image_to_tensor(image, resolution))
     progress("masks", 1, 3)

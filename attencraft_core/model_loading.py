@@ -1,4 +1,4 @@
-"""Loading a Stable Diffusion 1.x/2.x style component set from a local diffusers folder."""
+"""Loading a Stable Diffusion 1.x/2.x or SDXL component set from a local diffusers folder."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 
 from .errors import AttenCraftError
+from .families import family_of
 from .progress import Progress, no_progress
 from .validation import first_non_finite
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                          clip_sample=False, steps_offset=1)  # Stable Diffusion 1.x/2.x's training schedule
 
@@ -35,10 +37,17 @@ class SDComponents:
     tokenizer: object
     noise_scheduler: object
     source: str = ""
+    text_encoder_2: "torch.nn.Module | None" = None  # SDXL's second text tower (OpenCLIP-bigG, with projection)
+    tokenizer_2: object = None
 
     @property
     def family(self) -> str:
-        return model_family(self.unet.config.cross_attention_dim)
+        """"sd1", "sd2", "custom-<dim>" or "sdxl" (see families/)."""
+        return family_of(self).name(self)
+
+    @property
+    def text_modules(self) -> list["torch.nn.Module"]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -60,16 +69,11 @@ class SDComponents:
         return next(self.unet.parameters()).dtype
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "SDComponents":
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, *self.text_modules):
             module.to(device)
             if dtype is not None and next(module.parameters()).dtype != dtype:
                 module.to(dtype)
         return self
-
-
-def model_family(cross_attention_dim: int) -> str:
-    """"sd1" (768-d CLIP-L text), "sd2" (1024-d OpenCLIP-H text) or "custom-<dim>" for other models."""
-    return {768: "sd1", 1024: "sd2"}.get(int(cross_attention_dim), f"custom-{int(cross_attention_dim)}")
 
 
 def _read_json(path: Path) -> dict:
@@ -79,8 +83,12 @@ def _read_json(path: Path) -> dict:
         raise AttenCraftError(f"Cannot read {path}: {exc}. Is the model folder complete?") from exc
 
 
+SUPPORTED = "Stable Diffusion 1.x, 2.x or SDXL (base and its fine-tunes)"
+
+
 def check_model_dir(model_dir: str | Path) -> Path:
-    """Check that `model_dir` looks like a local diffusers SD 1.x/2.x folder, with a readable error if not."""
+    """Check that `model_dir` looks like a local diffusers SD 1.x/2.x or SDXL folder, with a readable error if
+    not (SD3, Flux, the SDXL refiner, EDM-type models such as Playground 2.5 and video models are refused)."""
     root = Path(model_dir).expanduser()
     if not root.is_dir():
         raise AttenCraftError(
@@ -88,32 +96,41 @@ def check_model_dir(model_dir: str | Path) -> Path:
             "(with unet/, vae/, text_encoder/, tokenizer/ and scheduler/); nothing is downloaded.")
     if (root / "transformer").is_dir() or (root / "text_encoder_3").is_dir():
         raise AttenCraftError(
-            f"{root} holds a transformer-based model (SD3/Flux style). AttenCraft needs a Stable Diffusion "
-            "1.x or 2.x style model with a UNet2DConditionModel.")
+            f"{root} holds a transformer-based model (SD3/Flux style). AttenCraft supports {SUPPORTED} models "
+            "(a UNet2DConditionModel).")
     index = root / "model_index.json"
     if index.is_file():
         cls = _read_json(index).get("_class_name", "")
         if cls and "StableDiffusion" not in cls:
-            raise AttenCraftError(
-                f"{root} is a {cls} model, not a Stable Diffusion 1.x/2.x style model (UNet + CLIP + VAE).")
-        if "XL" in cls:
-            raise AttenCraftError(f"{root} is an SDXL model ({cls}); only SD 1.x/2.x style models are supported.")
-    missing = [p for p in REQUIRED_PARTS if not (root / p).is_dir()]
+            raise AttenCraftError(f"{root} is a {cls} model; AttenCraft supports {SUPPORTED} models.")
+        if "Img2Img" in cls or "Video" in cls or "Upscale" in cls:
+            raise AttenCraftError(f"{root} is a {cls} model; AttenCraft supports {SUPPORTED} text-to-image models.")
+    sdxl = (root / "text_encoder_2").is_dir()
+    if sdxl and not (root / "text_encoder").is_dir():
+        raise AttenCraftError(f"{root} is the SDXL refiner (one OpenCLIP text encoder, aesthetic-score "
+                              f"conditioning); AttenCraft supports {SUPPORTED}: use the SDXL base model.")
+    parts = REQUIRED_PARTS + (SDXL_PARTS if sdxl else ())
+    missing = [p for p in parts if not (root / p).is_dir()]
     if missing:
         raise AttenCraftError(
-            f"Model folder {root} is missing {', '.join(missing)}. A Stable Diffusion diffusers folder has "
-            f"the sub-folders {', '.join(REQUIRED_PARTS)}; re-export or re-copy the model.")
+            f"Model folder {root} is missing {', '.join(missing)}. A diffusers folder of this model has the "
+            f"sub-folders {', '.join(parts)}; re-export or re-copy the model.")
     unet_cfg = root / "unet" / "config.json"
     if not unet_cfg.is_file():
         raise AttenCraftError(f"{unet_cfg} is missing: the unet folder is incomplete.")
     unet_config = _read_json(unet_cfg)
     cls = unet_config.get("_class_name")
     if cls != "UNet2DConditionModel":
-        raise AttenCraftError(
-            f"{root}/unet is a {cls}, not a UNet2DConditionModel: not a Stable Diffusion 1.x/2.x style model.")
-    if unet_config.get("addition_embed_type") == "text_time":
-        raise AttenCraftError(f"{root}/unet is an SDXL UNet (size and crop conditioning); only SD 1.x/2.x style "
-                              "models are supported so far.")
+        raise AttenCraftError(f"{root}/unet is a {cls}, not a UNet2DConditionModel; AttenCraft supports "
+                              f"{SUPPORTED} models.")
+    if (unet_config.get("addition_embed_type") == "text_time") != sdxl:
+        raise AttenCraftError(f"{root}: the UNet and the text encoders belong to different model kinds (an SDXL "
+                              "UNet needs text_encoder_2/tokenizer_2, and only an SDXL UNet takes them).")
+    scheduler_cfg = root / "scheduler" / "scheduler_config.json"
+    if scheduler_cfg.is_file() and "EDM" in _read_json(scheduler_cfg).get("_class_name", ""):
+        raise AttenCraftError(f"{root} is an EDM-type model (e.g. Playground 2.5): its noise schedule is not "
+                              f"the DDPM one AttenCraft trains with. Supported: {SUPPORTED} (epsilon or "
+                              "v-prediction).")
     return root
 
 
@@ -150,10 +167,10 @@ def quiet_library_logs():
 
 def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, progress: Progress = no_progress) -> SDComponents:
-    """Load UNet, VAE, CLIP text encoder, tokenizer and a DDPM noise scheduler, offline; `progress` is told
-    ("loading <folder>", parts loaded, 5)."""
+    """Load UNet, VAE, CLIP text encoder(s), tokenizer(s) and a DDPM noise scheduler, offline; `progress` is
+    told ("loading <folder>", parts loaded, parts)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # on use (see lora.py)
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = check_model_dir(model_dir)
     parts = {}
@@ -164,6 +181,10 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
         "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype),
         "scheduler": lambda p: DDPMScheduler.from_pretrained(p, local_files_only=True),
     }
+    if (root / "text_encoder_2").is_dir():
+        loaders["tokenizer_2"] = lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True)
+        loaders["text_encoder_2"] = lambda p: CLIPTextModelWithProjection.from_pretrained(
+            p, local_files_only=True, dtype=dtype)
     phase = f"loading {root.name}"
     progress(phase, 0, len(loaders))
     for i, (name, load) in enumerate(loaders.items(), 1):
@@ -176,12 +197,14 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
             check_loaded_weights(name, root / name, parts[name])
         progress(phase, i, len(loaders))
     comps = SDComponents(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
-                         parts["scheduler"], source=str(root))
-    if comps.unet.config.cross_attention_dim != comps.text_encoder.config.hidden_size:
+                         parts["scheduler"], source=str(root), text_encoder_2=parts.get("text_encoder_2"),
+                         tokenizer_2=parts.get("tokenizer_2"))
+    width = sum(m.config.hidden_size for m in comps.text_modules)
+    if comps.unet.config.cross_attention_dim != width:
         raise AttenCraftError(
             f"{root}: the UNet expects {comps.unet.config.cross_attention_dim}-d text features but the text "
-            f"encoder gives {comps.text_encoder.config.hidden_size}-d: components from different models.")
-    for module in (comps.unet, comps.vae, comps.text_encoder):
+            f"encoders give {width}-d: components from different models.")
+    for module in (comps.unet, comps.vae, *comps.text_modules):
         module.requires_grad_(False).eval()
     comps.to(torch.device(device), dtype)
     return comps

@@ -18,7 +18,8 @@ from .attention import AttentionStore, capture_attention, map_side
 from .checkpoint import (CHECKPOINT, load_checkpoint, optimizer_from_flat, optimizer_to_flat, refuse_legacy,
                          save_checkpoint)
 from .concept_file import ConceptSet
-from .concepts import Concept, add_concept_tokens, concepts_prompt, token_positions
+from .concept_tokens import ConceptTokens
+from .concepts import Concept, concepts_prompt, token_positions
 from .encoding import encode_images, encode_prompts
 from .errors import AttenCraftError
 from .generation import class_images as make_class_images
@@ -81,7 +82,7 @@ class TrainingInputs:
     """What training reads: the placeholder token ids, the image's latents, the prior images' latents (None
     without prior preservation), the masks [N, h, w] at attention resolution and their attention scores [N]."""
 
-    token_ids: list[int]
+    tokens: ConceptTokens
     latents: torch.Tensor
     class_latents: torch.Tensor | None
     masks: torch.Tensor
@@ -95,7 +96,7 @@ def prepare_inputs(comps: SDComponents, image: Image.Image, concepts: list[Conce
     """Add the concept tokens, encode the image (and the prior images, generated and cached when not given), and
     take the user's masks or extract them; the scores are each token's attention inside its mask."""
     resolution = opts.resolution or comps.native_resolution
-    token_ids = add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
+    tokens = ConceptTokens.add(comps, concepts)
     latents = encode_images(comps, image_to_tensor(image, resolution))
     class_latents = None
     if opts.prior_weight > 0:
@@ -107,46 +108,47 @@ def prepare_inputs(comps: SDComponents, image: Image.Image, concepts: list[Conce
     generator = torch.Generator().manual_seed(opts.masks.seed)
     if user_masks is None:
         result = masks_from_latents(comps, latents, concepts, opts.masks, generator, progress)
-        return TrainingInputs(token_ids, latents, class_latents, result.masks_lowres, result.scores)
+        return TrainingInputs(tokens, latents, class_latents, result.masks_lowres, result.scores)
     attention, _, _ = concept_attention(comps, latents, concepts, opts.masks, generator)
     masks, notes = prepare_user_masks(user_masks, concepts, attention.shape[-2:])
-    return TrainingInputs(token_ids, latents, class_latents, masks, mask_math.attention_scores(attention[1:], masks),
+    return TrainingInputs(tokens, latents, class_latents, masks, mask_math.attention_scores(attention[1:], masks),
                           notes)
 
 
 @dataclass
 class Trainables:
-    """What training changes: the placeholder rows of the token-embedding table (a gradient hook keeps every other
-    row fixed) and the LoRA, with their optimizer. `release` undoes the training state."""
+    """What training changes: the placeholder rows of each text tower's token-embedding table (a gradient hook
+    keeps every other row fixed) and the LoRA, with their optimizer. `release` undoes the training state."""
 
-    embedding: torch.nn.Parameter
+    embeddings: list[torch.nn.Parameter]
     lora: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
-    hook: torch.utils.hooks.RemovableHandle
+    hooks: list[torch.utils.hooks.RemovableHandle]
 
     def release(self, unet) -> None:
-        self.hook.remove()
-        self.embedding.requires_grad_(False)
-        for p in self.lora:
+        for hook in self.hooks:
+            hook.remove()
+        for p in self.embeddings + self.lora:
             p.requires_grad_(False)
         unet.eval()
 
 
-def attach_trainables(comps: SDComponents, token_ids: list[int], opts: TrainOptions) -> Trainables:
+def attach_trainables(comps: SDComponents, tokens: ConceptTokens, opts: TrainOptions) -> Trainables:
     """Seeded LoRA on the UNet's target layers, trainable placeholder rows, and AdamW (weight decay on LoRA only)."""
     add_lora(comps.unet, opts.rank, opts.alpha, opts.targets, seed=opts.seed)
     if opts.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
         comps.unet.train()
-    embedding = comps.text_encoder.get_input_embeddings().weight
-    embedding.requires_grad_(True)
-    keep = torch.zeros(embedding.shape[0], 1, dtype=torch.bool, device=embedding.device)
-    keep[token_ids] = True
-    hook = embedding.register_hook(lambda grad: grad * keep)  # only placeholder rows learn
+    hooks = []
+    for table, ids in zip(tokens.tables, tokens.ids):
+        table.requires_grad_(True)
+        keep = torch.zeros(table.shape[0], 1, dtype=torch.bool, device=table.device)
+        keep[ids] = True
+        hooks.append(table.register_hook(lambda grad, keep=keep: grad * keep))  # only placeholder rows learn
     lora = lora_parameters(comps.unet)
     optimizer = torch.optim.AdamW([{"params": lora, "weight_decay": opts.weight_decay, "name": "lora"},
-                                   {"params": [embedding], "weight_decay": 0.0, "name": "embeddings"}])
-    return Trainables(embedding, lora, optimizer, hook)
+                                   {"params": list(tokens.tables), "weight_decay": 0.0, "name": "embeddings"}])
+    return Trainables(list(tokens.tables), lora, optimizer, hooks)
 
 
 class Trainer:
@@ -170,7 +172,8 @@ class Trainer:
         self.history: list[dict] = []
         self.start_step = 0
         inputs = prepare_inputs(comps, image, concepts, self.opts, user_masks, class_images, cache_dir, log, progress)
-        self.token_ids, self.latents, self.class_latents = inputs.token_ids, inputs.latents, inputs.class_latents
+        self.tokens, self.latents, self.class_latents = inputs.tokens, inputs.latents, inputs.class_latents
+        self.token_ids = self.tokens.ids[0]  # the placeholders' ids in the (first) tokenizer
         self.masks, self.scores, self.events = inputs.masks, inputs.scores, list(inputs.notes)
         self.generator = torch.Generator().manual_seed(self.opts.seed)
         self.sampler = ConceptSampler(len(concepts), self.opts.policy, self.opts.all_share, self.opts.seed)
@@ -179,9 +182,8 @@ class Trainer:
         # what a checkpoint must match to continue this run (computed before any weight is trained)
         self.identity = {"model": model_fingerprint(comps), "image": image_fingerprint(image),
                          "masks": hashlib.sha256(self.masks.cpu().numpy().tobytes()).hexdigest()[:16]}
-        self.trainables = attach_trainables(comps, self.token_ids, self.opts)
-        self.embedding, self.lora, self.optimizer = (self.trainables.embedding, self.trainables.lora,
-                                                     self.trainables.optimizer)
+        self.trainables = attach_trainables(comps, self.tokens, self.opts)
+        self.lora, self.optimizer = self.trainables.lora, self.trainables.optimizer
 
     # ---- helpers ---------------------------------------------------------------------------------------------
     def _event(self, text: str, step: int | None = None) -> None:
@@ -232,7 +234,7 @@ class Trainer:
         # the recording processors stay installed through backward: gradient checkpointing reruns them
         with capture_attention(comps.unet, store, o.masks.cross_factor, None, detach_sot=True):
             with self._autocast():
-                pred = comps.unet(noisy, t, encode_prompts(comps, prompts)).sample
+                pred = comps.unet(noisy, t, **encode_prompts(comps, prompts, latents)).sample
             target = self._target(latents, noise, t)
 
             latent_mask = self.loss_mask(chosen, latents.shape[-2:]).to(self.device)
@@ -253,11 +255,11 @@ class Trainer:
                 raise AttenCraftError(f"The loss became {float(total)} at step {step + 1}: lower the learning rate "
                                       "(--lr) or use fp32. The last checkpoint is kept.")
             total.backward()
-        torch.nn.utils.clip_grad_norm_(self.lora + [self.embedding], o.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.lora + self.trainables.embeddings, o.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        trained = self.lora + [self.embedding[self.token_ids]]
-        if not torch.stack([torch.isfinite(p).all() for p in trained]).all():  # one host sync per step
+        finite = [torch.isfinite(p).all() for p in self.lora] + [self.tokens.all_finite()]
+        if not torch.stack(finite).all():  # one host sync per step
             raise AttenCraftError(f"The trained weights became NaN or infinite at step {step + 1}: lower the learning "
                                   "rate or use fp32. The last checkpoint is kept.")
         record = {"step": step + 1, "loss": float(total.detach()), "concepts": chosen,
@@ -312,7 +314,7 @@ class Trainer:
         """Write the resumable state (no pickle: safetensors + JSON metadata) atomically."""
         optimizer_tensors, optimizer_info = optimizer_to_flat(self.optimizer.state_dict())
         tensors = {**{f"lora.{k}": v for k, v in lora_state_dict(self.comps.unet).items()},
-                   "embeddings": self.embedding.detach()[self.token_ids].float(),
+                   "embeddings": self.tokens.rows(),
                    "masks": self.masks.to(torch.uint8), "scores": self.scores.float(),
                    "generator": self.generator.get_state(), **optimizer_tensors}
         info = {"step": step, "sampler": self.sampler.state(), "history": self.history, "events": self.events,
@@ -342,14 +344,13 @@ class Trainer:
         try:
             lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
             embeddings = tensors["embeddings"]
-            if tuple(embeddings.shape) != (len(self.token_ids), self.embedding.shape[1]):
+            if tuple(embeddings.shape) != (len(self.token_ids), sum(self.tokens.widths)):
                 raise ValueError(f"embeddings of shape {tuple(embeddings.shape)}")
             masks = tensors["masks"].bool()
             if tuple(masks.shape) != tuple(self.masks.shape):
                 raise ValueError(f"masks of shape {tuple(masks.shape)}, expected {tuple(self.masks.shape)}")
             copy_lora_weights(self.comps.unet, lora)
-            with torch.no_grad():
-                self.embedding[self.token_ids] = embeddings.to(self.embedding)
+            self.tokens.set_rows(embeddings)
             self.optimizer.load_state_dict(optimizer_from_flat(tensors, info["optimizer"]))
             self.generator.set_state(tensors["generator"])
             self.sampler.load_state(info["sampler"])
@@ -368,9 +369,10 @@ class Trainer:
         training = {k: v for k, v in asdict(o).items() if k != "masks"}
         training["mask_options"] = asdict(o.masks)
         training["steps_done"] = self.history[-1]["step"] if self.history else 0
-        return ConceptSet(self.concepts, self.embedding.detach()[self.token_ids].float().cpu().clone(),
+        return ConceptSet(self.concepts, self.tokens.rows(),
                           lora_state_dict(self.comps.unet), o.rank, float(o.alpha or o.rank), o.targets,
-                          self.comps.family, self.comps.source, self.masks.cpu(), training)
+                          self.comps.family, self.comps.source, self.masks.cpu(), training,
+                          self.tokens.widths if len(self.tokens.widths) > 1 else None)
 
     def run(self, name: str = "attencraft", replace: bool = False) -> TrainResult:
         """Train (from the resumed step), holding the folder's lock. A new run in a folder that holds another

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from attencraft_core.api import SDComponents, sd_noise_scheduler
 
@@ -100,8 +100,43 @@ def build_tiny_components(seed: int = 0, text_dim: int = 32, prediction_type: st
     return SDComponents(unet, vae, text_encoder, tokenizer, scheduler, source="tiny")
 
 
+def text_config(tokenizer, width: int, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def build_tiny_sdxl_components(seed: int = 0, widths: tuple[int, int] = (32, 64), prediction_type: str = "epsilon",
+                               sample_size: int = 32, words=BASE_WORDS) -> SDComponents:
+    """A random SDXL-style set: two text towers (CLIP-L-like, and OpenCLIP-bigG-like with a projection, padding
+    with "!"), a UNet with size/crop conditioning and no attention at its top level (as SDXL), 64 px images."""
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(words)
+    tokenizer_2 = build_word_tokenizer(words)
+    tokenizer_2.pad_token = "!"
+    text_encoder = CLIPTextModel(text_config(tokenizer, widths[0]))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, widths[1], projection_dim=widths[1]))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32, 32), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), cross_attention_dim=sum(widths), attention_head_dim=2,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=widths[1] + 6 * time_dim)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=sample_size * 2)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.requires_grad_(False).eval()
+    return SDComponents(unet, vae, text_encoder, tokenizer, sd_noise_scheduler(prediction_type), source="tiny-sdxl",
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+
+
 def save_components(comps: SDComponents, out_dir: str | Path) -> Path:
-    """Write a component set as a diffusers StableDiffusionPipeline folder."""
+    """Write a component set as a diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline) folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     comps.unet.save_pretrained(out / "unet")
@@ -115,5 +150,13 @@ def save_components(comps: SDComponents, out_dir: str | Path) -> Path:
              "scheduler": ["diffusers", type(comps.noise_scheduler).__name__],
              "safety_checker": [None, None], "feature_extractor": [None, None],
              "requires_safety_checker": False}
+    if comps.text_encoder_2 is not None:
+        comps.text_encoder_2.save_pretrained(out / "text_encoder_2")
+        comps.tokenizer_2.save_pretrained(out / "tokenizer_2")
+        index = {k: v for k, v in index.items() if k not in ("safety_checker", "feature_extractor",
+                                                                 "requires_safety_checker")}
+        index.update({"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"]})
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out

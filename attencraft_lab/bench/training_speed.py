@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from attencraft_core.api import (AttenCraftError, MaskOptions, SDComponents, Trainer, TrainOptions,
-                                  add_concept_tokens, concepts_prompt, encode_prompts, masks_from_latents, parse_concepts,
+                                  ConceptTokens, concepts_prompt, encode_prompts, masks_from_latents, parse_concepts,
                                   resolve_device, sd_noise_scheduler)
 
 from ..machine import machine_description
@@ -104,14 +104,14 @@ def main() -> None:
     concepts = parse_concepts("cat, dog")
 
     # mask extraction vs one UNet forward (batch 1, fp32)
-    add_concept_tokens(comps.tokenizer, comps.text_encoder, concepts)
+    ConceptTokens.add(comps, concepts)
     latents = torch.randn(1, 4, args.resolution // 8, args.resolution // 8, device=device)
-    emb = encode_prompts(comps, [concepts_prompt(["<c0>", "<c1>"])])
+    emb = encode_prompts(comps, [concepts_prompt(["<c0>", "<c1>"])], latents)
     t = torch.tensor([100], device=device)
 
     def forward():
         with torch.no_grad():
-            comps.unet(latents, t, emb)
+            comps.unet(latents, t, **emb)
 
     def extract():
         try:
@@ -154,16 +154,16 @@ def main() -> None:
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=1e-4)
-        with torch.no_grad():
-            text = encode_prompts(comps_v, [concepts_prompt(["<c0>", "<c1>"]), opts.class_prompt])
         lat = torch.randn(2, 4, args.resolution // 8, args.resolution // 8, device=device)
+        with torch.no_grad():
+            text = encode_prompts(comps_v, [concepts_prompt(["<c0>", "<c1>"]), opts.class_prompt], lat)
 
         def plain_step():
             noise = torch.randn_like(lat)
             ts = torch.randint(0, 1000, (2,), device=device)
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type != "cpu"):
-                pred = unet(comps_v.noise_scheduler.add_noise(lat, noise, ts), ts, text).sample
+                pred = unet(comps_v.noise_scheduler.add_noise(lat, noise, ts), ts, **text).sample
             F.mse_loss(pred.float(), noise).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()

@@ -222,7 +222,7 @@ CHECKPOINTS = [
 def test_resume_refuses_a_damaged_or_foreign_checkpoint(case, damage, expected, tiny_model_dir, scene_png,
                                                         mask_pngs, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--checkpoint-every", "1")) == 0
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--checkpoint-every", "1", "--keep-checkpoint")) == 0
     damage(out / "checkpoint.safetensors")
     capsys.readouterr()
     check_refused(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--resume", "--steps", "4"), expected, capsys)
@@ -268,7 +268,7 @@ def swapped_weights(folder):
 
 
 MODELS = [
-    ("SDXL UNet config", sdxl_config, "SDXL UNet"),
+    ("SDXL UNet without its second text encoder", sdxl_config, "an SDXL UNet needs text_encoder_2"),
     ("NaN weights", nan_weights, "conv_in.weight holds NaN"),
     ("swapped weight files", swapped_weights, "vae weights are missing from its weight file"),
 ]

@@ -145,7 +145,7 @@ def test_model_folder_errors(tiny_model_dir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
     (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
-    with pytest.raises(AttenCraftError, match="not a Stable Diffusion"):
+    with pytest.raises(AttenCraftError, match="is a KandinskyPipeline model; AttenCraft supports"):
         load_components(other)
 
 

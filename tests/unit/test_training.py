@@ -18,7 +18,7 @@ from attencraft_core import AttenCraftError, parse_concepts
 from attencraft_core.checkpoint import load_checkpoint, save_checkpoint
 from attencraft_core.cli import main
 from attencraft_core.concept_file import ConceptSet, embedding_key
-from attencraft_core.concepts import add_concept_tokens
+from attencraft_core.concept_tokens import ConceptTokens
 from attencraft_core.generation import class_images, generate
 from attencraft_core.lora import from_kohya, lora_deltas, set_lora_strength
 from attencraft_core.outputs import atomic_write, write_json
@@ -90,7 +90,7 @@ def test_inputs_are_prepared_on_their_own(tiny):
     concepts = parse_concepts("cat, dog")
     inputs = prepare_inputs(tiny, scene(), concepts, TrainOptions(), user_masks=user_masks(2),
                             class_images=class_imgs())
-    assert len(inputs.token_ids) == 2 and inputs.latents.shape[0] == 1 and inputs.class_latents.shape[0] == 1
+    assert len(inputs.tokens.ids[0]) == 2 and inputs.latents.shape[0] == 1 and inputs.class_latents.shape[0] == 1
     assert inputs.masks.dtype == torch.bool and inputs.masks.shape == (2, 16, 16) and inputs.scores.shape == (2,)
     assert not any("lora_" in n for n, _ in tiny.unet.named_parameters())
     no_prior = prepare_inputs(tiny, scene(), concepts, TrainOptions(prior_weight=0), user_masks=user_masks(2))
@@ -98,14 +98,16 @@ def test_inputs_are_prepared_on_their_own(tiny):
 
 
 def test_trainables_attach_and_release(tiny):
-    token_ids = add_concept_tokens(tiny.tokenizer, tiny.text_encoder, parse_concepts("cat, dog"))
-    trainables = attach_trainables(tiny, token_ids, TrainOptions(rank=2))
-    assert trainables.lora and all(p.requires_grad for p in trainables.lora) and trainables.embedding.requires_grad
-    trainables.embedding.sum().backward()  # the hook keeps every row but the placeholders'
-    grad = trainables.embedding.grad
+    tokens = ConceptTokens.add(tiny, parse_concepts("cat, dog"))
+    token_ids = tokens.ids[0]
+    trainables = attach_trainables(tiny, tokens, TrainOptions(rank=2))
+    (table,) = trainables.embeddings
+    assert trainables.lora and all(p.requires_grad for p in trainables.lora) and table.requires_grad
+    table.sum().backward()  # the hook keeps every row but the placeholders'
+    grad = table.grad
     assert grad[token_ids].abs().sum() > 0 and grad.abs().sum() == grad[token_ids].abs().sum()
     trainables.release(tiny.unet)
-    assert not trainables.embedding.requires_grad and not any(p.requires_grad for p in trainables.lora)
+    assert not table.requires_grad and not any(p.requires_grad for p in trainables.lora)
     assert not tiny.unet.training
 
 

@@ -92,9 +92,9 @@ def _show_text(node_id, text: str) -> None:
 
 
 def _checkpoint_inputs(image_tooltip: str) -> list:
-    """MODEL, CLIP and VAE of one SD checkpoint (never changed by the pack) and the concepts' image."""
+    """MODEL, CLIP and VAE of one SD 1.x, 2.x or SDXL checkpoint (never changed by the pack) and the concepts' image."""
     return [
-        io.Model.Input("model", tooltip="An SD 1.x or 2.x MODEL from Load Checkpoint (not changed)."),
+        io.Model.Input("model", tooltip="An SD 1.x, 2.x or SDXL MODEL from Load Checkpoint (not changed)."),
         io.Clip.Input("clip", tooltip="The CLIP from the same checkpoint (not changed)."),
         io.Vae.Input("vae", tooltip="The VAE from the same checkpoint."),
         io.Image.Input("image", tooltip=image_tooltip),

@@ -16,35 +16,56 @@ import torch
 from ..attencraft_core.api import AttenCraftError, Progress, SDComponents, no_progress, sd_noise_scheduler
 
 
+SUPPORTED = "SD 1.x, SD 2.x and SDXL (base and its fine-tunes)"
+SDXL_ADM = 1280 + 6 * 256  # SDXL's extra UNet input: OpenCLIP-bigG pooled text + 6 size/crop ids of 256 each
+
+
+def is_sdxl(unet_config: dict) -> bool:
+    return unet_config.get("adm_in_channels") == SDXL_ADM and unet_config.get("num_classes") == "sequential"
+
+
+def per_layer(depths: list[int]):
+    """One transformer depth for a block (diffusers takes an int) or one per layer when they differ."""
+    return depths[0] if len(set(depths)) == 1 else depths
+
+
 def unet_config_to_diffusers(unet_config: dict, sample_size: int = 64) -> dict:
-    """A UNet2DConditionModel config for ComfyUI's SD 1.x/2.x `unet_config` (from model detection)."""
+    """A UNet2DConditionModel config for ComfyUI's SD 1.x/2.x or SDXL `unet_config` (from model detection)."""
     needed = ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth", "context_dim")
-    if any(k not in unet_config for k in needed) or unet_config.get("adm_in_channels"):
-        raise AttenCraftError("AttenCraft works on SD 1.x and SD 2.x checkpoints; this MODEL is another kind "
-                              "(SDXL, SD3, Flux, video...). Load an SD 1.5 or SD 2.x checkpoint.")
+    if any(k not in unet_config for k in needed) or (unet_config.get("adm_in_channels") and not is_sdxl(unet_config)):
+        raise AttenCraftError(f"AttenCraft works on {SUPPORTED} checkpoints; this MODEL is another kind (the SDXL "
+                              "refiner, SD3, Flux, video...). Load one of those in Load Checkpoint.")
     levels = len(unet_config["channel_mult"])
     res = list(unet_config["num_res_blocks"])
     if len(set(res)) != 1:
         raise AttenCraftError("This UNet has a different number of res blocks per level; not supported.")
     depth = list(unet_config["transformer_depth"])
     depth_out = list(unet_config["transformer_depth_output"])
-    down_depth = [depth[i * res[0]] for i in range(levels)]
-    up_depth = [depth_out[i * (res[0] + 1)] for i in range(levels)][::-1]
+    down = [depth[i * res[0]:(i + 1) * res[0]] for i in range(levels)]
+    up = [depth_out[i * (res[0] + 1):(i + 1) * (res[0] + 1)] for i in range(levels)][::-1]
     channels = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
     if unet_config.get("num_head_channels", -1) not in (-1, None):
         heads = [c // unet_config["num_head_channels"] for c in channels]
     else:
         heads = unet_config["num_heads"]
     mid = unet_config.get("transformer_depth_middle", 1)
-    return dict(
+    config = dict(
         sample_size=sample_size, in_channels=unet_config.get("in_channels", 4),
         out_channels=unet_config.get("out_channels", 4), block_out_channels=channels, layers_per_block=res[0],
-        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in down_depth],
-        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in up_depth],
-        transformer_layers_per_block=[max(d, 1) for d in down_depth],
+        down_block_types=["CrossAttnDownBlock2D" if max(d) else "DownBlock2D" for d in down],
+        up_block_types=["CrossAttnUpBlock2D" if max(d) else "UpBlock2D" for d in up],
+        transformer_layers_per_block=[per_layer([max(x, 1) for x in d]) for d in down],
         mid_block_type="UNetMidBlock2DCrossAttn" if mid and mid > 0 else None,
         cross_attention_dim=unet_config["context_dim"], attention_head_dim=heads,
         use_linear_projection=bool(unet_config.get("use_linear_in_transformer", False)))
+    if any(len(set(d)) > 1 or set(u) != {d[0]} for d, u in zip(down[::-1], up)):  # up blocks as the down ones?
+        config["reverse_transformer_layers_per_block"] = [[max(x, 1) for x in u] for u in up]
+    if mid and mid != max(max(down[-1]), 1):  # diffusers gives the middle block the last level's depth
+        raise AttenCraftError("This UNet's middle block depth differs from its last level's; not supported.")
+    if is_sdxl(unet_config):
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=SDXL_ADM)
+    return config
 
 
 def unet_from_comfy(model, device: torch.device) -> "torch.nn.Module":
@@ -54,8 +75,13 @@ def unet_from_comfy(model, device: torch.device) -> "torch.nn.Module":
 
     base = model.model
     unet_config = base.model_config.unet_config
-    v_pred = "V_PREDICTION" in str(getattr(base, "model_type", ""))
-    config = unet_config_to_diffusers(unet_config, sample_size=96 if v_pred else 64)
+    kind = str(getattr(base, "model_type", "")).split(".")[-1]
+    if kind not in ("EPS", "V_PREDICTION"):
+        raise AttenCraftError(f"This MODEL is a {kind} model ({type(base.model_config).__name__}); AttenCraft trains "
+                              f"epsilon- and v-prediction {SUPPORTED} models.")
+    v_pred = kind == "V_PREDICTION"
+    sample_size = 128 if is_sdxl(unet_config) else 96 if v_pred else 64
+    config = unet_config_to_diffusers(unet_config, sample_size=sample_size)
     comfy_sd = base.diffusion_model.state_dict()
     mapping = comfy.utils.unet_to_diffusers(unet_config)
     with torch.inference_mode(False):
@@ -72,40 +98,64 @@ def unet_from_comfy(model, device: torch.device) -> "torch.nn.Module":
     return unet, ("v_prediction" if v_pred else "epsilon")
 
 
-def text_encoder_from_comfy(clip, device: torch.device):
-    """(CLIPTextModel, CLIPTokenizer) equal to the CLIP's text tower (SD1: clip_l, SD2: clip_h penultimate)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tokenizer(comfy_dir: str, pad: str | None = None):
+    from transformers import CLIPTokenizer
 
-    sd = clip.get_sd()
-    prefix = next((p for p in ("clip_l.", "clip_h.") if f"{p}transformer.text_model.embeddings.token_embedding.weight" in sd), None)
-    if prefix is None or any(k.startswith(("clip_g.", "t5xxl.")) for k in sd):
-        raise AttenCraftError("This CLIP is not an SD 1.x (CLIP-L) or SD 2.x (OpenCLIP-H) text encoder.")
-    import comfy.sd1_clip
-    comfy_dir = os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__))
-    if prefix == "clip_l.":
-        config_path = os.path.join(comfy_dir, "sd1_clip_config.json")
-    else:
-        config_path = os.path.join(comfy_dir, "text_encoders", "sd2_clip_config.json")
-    config = json.loads(open(config_path).read())
-    if prefix == "clip_h.":
-        config["num_hidden_layers"] -= 1  # SD 2.x uses the penultimate layer, then the final layer norm
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(comfy_dir, "sd1_tokenizer"))
-    tokenizer.model_max_length = config["max_position_embeddings"]  # ComfyUI's file says 8192 (it chunks)
-    if prefix == "clip_h.":
-        tokenizer.pad_token = "!"  # SD 2.x pads with token 0, as ComfyUI does
+    tokenizer.model_max_length = 77  # ComfyUI's file says 8192 (it chunks)
+    if pad is not None:
+        tokenizer.pad_token = pad  # OpenCLIP towers pad with token 0 ("!"), as ComfyUI does
+    return tokenizer
+
+
+def _tower(sd: dict, prefix: str, config_path: str, drop_last_layer: bool = False, projection: bool = False):
+    """One CLIP text tower from the CLIP's state dict (keys under `prefix`), as a transformers model."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = json.loads(open(config_path).read())
+    if drop_last_layer:
+        config["num_hidden_layers"] -= 1  # SD 2.x uses the penultimate layer, then the final layer norm
     with torch.inference_mode(False):
-        model = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
+        cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+        model = cls(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
         # ComfyUI keeps HF's "text_model." prefix; transformers 5 dropped it from CLIPTextModel's own keys.
-        head = f"{prefix}transformer." + ("" if "text_model.embeddings.token_embedding.weight"
-                                           in model.state_dict() else "text_model.")
-        state = {k[len(head):]: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()
-                 if k.startswith(head) and "text_projection" not in k}
+        inner = "" if "text_model.embeddings.token_embedding.weight" in model.state_dict() else "text_model."
+        head = f"{prefix}transformer."
+        state = {k[len(head) + len(inner):]: v for k, v in sd.items()
+                 if k.startswith(head + inner) and "text_projection" not in k}
+        if projection:
+            state["text_projection.weight"] = sd[f"{head}text_projection.weight"]
+        state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
         result = model.load_state_dict(state, strict=False)
         needed = [k for k in result.missing_keys if "position_ids" not in k]
         if needed:
             raise AttenCraftError(f"The CLIP lacks {len(needed)} text-encoder weights (e.g. {needed[0]}).")
+    return model
+
+
+def text_encoder_from_comfy(clip, device: torch.device) -> list[tuple["torch.nn.Module", object]]:
+    """(text encoder, tokenizer) per tower, equal to the CLIP's: SD 1.x clip_l; SD 2.x clip_h (penultimate layer
+    + final norm); SDXL clip_l and clip_g (with its projection; the family reads their penultimate layers)."""
+    import comfy.sd1_clip
+
+    sd = clip.get_sd()
+    comfy_dir = os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__))
+    has = {p: f"{p}.transformer.text_model.embeddings.token_embedding.weight" in sd for p in ("clip_l", "clip_h",
+                                                                                         "clip_g")}
+    if any(k.startswith("t5xxl.") for k in sd) or not (has["clip_l"] or has["clip_h"]):
+        raise AttenCraftError(f"This CLIP is not the text encoder of an {SUPPORTED} checkpoint.")
+    if has["clip_g"]:
+        towers = [(_tower(sd, "clip_l.", os.path.join(comfy_dir, "sd1_clip_config.json")), _tokenizer(comfy_dir)),
+                  (_tower(sd, "clip_g.", os.path.join(comfy_dir, "clip_config_bigg.json"), projection=True),
+                   _tokenizer(comfy_dir, pad="!"))]
+    elif has["clip_l"]:
+        towers = [(_tower(sd, "clip_l.", os.path.join(comfy_dir, "sd1_clip_config.json")), _tokenizer(comfy_dir))]
+    else:
+        towers = [(_tower(sd, "clip_h.", os.path.join(comfy_dir, "text_encoders", "sd2_clip_config.json"),
+                          drop_last_layer=True), _tokenizer(comfy_dir, pad="!"))]
+    for model, _ in towers:
         model.to(device).requires_grad_(False).eval()
-    return model, tokenizer, prefix.rstrip(".")
+    return towers
 
 
 def vae_from_comfy(vae, scale_factor: float, device: torch.device):
@@ -142,14 +192,18 @@ def components_from_comfy(model, clip, vae, progress: Progress = no_progress):
     device = mm.get_torch_device()
     unet, prediction = unet_from_comfy(model, device)
     progress("converting the model", 1, 3)
-    text_encoder, tokenizer, _ = text_encoder_from_comfy(clip, device)
+    towers = text_encoder_from_comfy(clip, device)
     progress("converting the model", 2, 3)
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+    width = sum(encoder.config.hidden_size for encoder, _ in towers)
+    if unet.config.cross_attention_dim != width or (len(towers) == 2) != bool(unet.config.addition_embed_type):
         raise AttenCraftError("The MODEL and CLIP come from different model families (text width "
-                              f"{text_encoder.config.hidden_size} vs UNet context {unet.config.cross_attention_dim}).")
+                              f"{width} vs UNet context {unet.config.cross_attention_dim}): connect the CLIP of the "
+                              "same checkpoint.")
     scale = float(getattr(model.model.latent_format, "scale_factor", 0.18215))
     vae_module = vae_from_comfy(vae, scale, device)
     progress("converting the model", 3, 3)
     scheduler = sd_noise_scheduler(prediction)
     name = getattr(model.model.model_config, "__class__", type(None)).__name__
-    return SDComponents(unet, vae_module, text_encoder, tokenizer, scheduler, source=f"comfyui:{name}")
+    (text_encoder, tokenizer), *second = towers
+    return SDComponents(unet, vae_module, text_encoder, tokenizer, scheduler, source=f"comfyui:{name}",
+                        text_encoder_2=second[0][0] if second else None, tokenizer_2=second[0][1] if second else None)

@@ -22,7 +22,9 @@ SPECS = HERE / "node_specs.json"
 EXAMPLE = HERE / "attencraft_example.png"
 NO_FILE = "(none: use the concept_set input)"
 CKPT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 NAME = "attencraft_concepts"
+SDXL_NAME = "attencraft_sdxl_concepts"
 WORDS = "ball, cube"
 NEGATIVE = "blurry, low quality, deformed"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -187,13 +189,13 @@ def to_ui(nodes: list[Node], specs: dict) -> dict:
 
 
 # ---- the workflows -----------------------------------------------------------------------------------------------
-def loaders(note: str) -> list[Node]:
+def loaders(note: str, ckpt: str = CKPT) -> list[Node]:
     return [Node(90, "Note", {"text": note}, "load"),
-            Node(1, "CheckpointLoaderSimple", {"ckpt_name": CKPT}, "load"),
+            Node(1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, "load"),
             Node(2, "LoadImage", {"image": EXAMPLE.name}, "load")]
 
 
-def generation(apply: Node, vae) -> list[Node]:
+def generation(apply: Node, vae, size: int = 512) -> list[Node]:
     """Apply Concepts, a prompt per concept and one with both, each sampled with a fixed seed and saved."""
     nodes = [apply,
              Node(40, "AttenCraftConceptPrompt", {"concept_set": (apply.id, 3),
@@ -202,7 +204,7 @@ def generation(apply: Node, vae) -> list[Node]:
                                                   "text": "a photo of <c1> on the beach"}, "generation", 0),
              Node(42, "CLIPTextEncode", {"text": NEGATIVE, "clip": (apply.id, 1)}, "generation", 0,
                   "Negative prompt"),
-             Node(43, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, "generation", 0)]
+             Node(43, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, "generation", 0)]
     prompts = [((40, 0), "attencraft/c0_alone"), ((41, 0), "attencraft/c1_alone"),
                ((apply.id, 2), "attencraft/together")]
     for i, (text, prefix) in enumerate(prompts):
@@ -235,35 +237,39 @@ def masks_only() -> list[Node]:
             Node(6, "SaveImage", {"images": (5, 0), "filename_prefix": "attencraft/mask"}, "masks", 1)]
 
 
-def full_pipeline() -> list[Node]:
+def full_pipeline(ckpt: str = CKPT, name: str = NAME, size: int = 512, kind: str = "an SD 1.5 or SD 2.x"
+                  ) -> list[Node]:
     apply = Node(7, "AttenCraftApplyConcepts", {"model": (1, 0), "clip": (1, 1), "strength": 1.0,
                                                 "saved_concept_set": NO_FILE, "concept_set": (5, 0)}, "generation")
-    return [*loaders("Set Load Checkpoint to an SD 1.5 or SD 2.x checkpoint and Load Image to your picture; name "
+    return [*loaders(f"Set Load Checkpoint to {kind} checkpoint and Load Image to your picture; name "
                      "each object in Extract Concept Masks.\n\nTrain LoRA writes the set under its name; a name in "
                      "use needs overwrite (or resume to continue a stopped run). Previews show in the node while "
-                     "it trains.\n\nThe Concept Prompt nodes turn <c0>, <c1> into the trained embeddings."),
+                     "it trains.\n\nThe Concept Prompt nodes turn <c0>, <c1> into the trained embeddings.", ckpt),
             extract_node(),
             Node(4, "SaveImage", {"images": (3, 1), "filename_prefix": "attencraft/overlay"}, "masks"),
             Node(5, "AttenCraftTrainLoRA", {
                 "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (2, 0), "steps": 500,
-                "learning_rate": 1e-4, "rank": 16, "sampling_policy": "adaptive", "seed": 0, "name": NAME,
+                "learning_rate": 1e-4, "rank": 16, "sampling_policy": "adaptive", "seed": 0, "name": name,
                 "concepts": (3, 2)}, "training"),
             Node(6, "SaveImage", {"images": (5, 2), "filename_prefix": "attencraft/loss"}, "training"),
-            *generation(apply, (1, 2))]
+            *generation(apply, (1, 2), size)]
 
 
-def apply_saved() -> list[Node]:
+def apply_saved(ckpt: str = CKPT, name: str = NAME, size: int = 512) -> list[Node]:
     apply = Node(7, "AttenCraftApplyConcepts", {"model": (1, 0), "clip": (1, 1), "strength": 1.0,
-                                                "saved_concept_set": f"{NAME}.safetensors"}, "generation")
+                                                "saved_concept_set": f"{name}.safetensors"}, "generation")
     return [Node(90, "Note", {"text": "Pick a trained set in Apply Concepts (saved_concept_set; press R after "
                                       "training to refresh the list). Write prompts with <c0>, <c1> in the "
                                       "Concept Prompt nodes."}, "load"),
-            Node(1, "CheckpointLoaderSimple", {"ckpt_name": CKPT}, "load"),
-            *generation(apply, (1, 2))]
+            Node(1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, "load"),
+            *generation(apply, (1, 2), size)]
 
 
+SDXL = dict(ckpt=SDXL_CKPT, name=SDXL_NAME, size=1024)
 WORKFLOWS = {"attencraft_full_pipeline": full_pipeline, "attencraft_masks_only": masks_only,
-             "attencraft_apply_saved": apply_saved}
+             "attencraft_apply_saved": apply_saved,
+             "attencraft_sdxl_full_pipeline": lambda: full_pipeline(**SDXL, kind="an SDXL (base or fine-tune)"),
+             "attencraft_sdxl_apply_saved": lambda: apply_saved(**SDXL)}
 
 
 # ---- the example image -------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Same UNet, latent size and LoRA targets for both steps (batch = instance + prior image); also the cost of one
 training preview (--preview-every) as a share of the training time. Random weights with
-the real SD geometry: `--family sd1` (SD 1.5 UNet, 860 M) or `sd2` (SD 2.1-base). Prints a table; not a test.
+the real SD geometry: `--family sd1` (SD 1.5 UNet, 860 M), `sd2` (SD 2.1-base) or `sdxl` (SDXL base, 2.6 B, with both text
+towers). Prints a table; not a test.
 
     python -m attencraft_lab.bench.training_speed                                # CPU, SD 1.5 shape, 256 px
     python -m attencraft_lab.bench.training_speed --family sd2 --resolution 512 --device cuda \
@@ -12,7 +13,9 @@ the real SD geometry: `--family sd1` (SD 1.5 UNet, 860 M) or `sd2` (SD 2.1-base)
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from attencraft_core.api import (AttenCraftError, MaskOptions, SDComponents, Trainer, TrainOptions,
                                   ConceptTokens, concepts_prompt, encode_prompts, masks_from_latents, parse_concepts,
@@ -29,31 +32,42 @@ from attencraft_core.api import (AttenCraftError, MaskOptions, SDComponents, Tra
 from ..machine import machine_description
 from ..tiny_models import build_word_tokenizer
 
-SHAPES = {
-    "sd1": dict(cross_attention_dim=768, attention_head_dim=8, text_layers=12, text_heads=12),
-    "sd2": dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), text_layers=23, text_heads=16,
-                use_linear_projection=True),
+SDXL_UNET = dict(  # SDXL base 1.0's UNet (2.6 B parameters)
+    cross_attention_dim=2048, attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
+SHAPES = {  # UNet config and text towers (width, layers, heads)
+    "sd1": (dict(cross_attention_dim=768, attention_head_dim=8), [(768, 12, 12)]),
+    "sd2": (dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+            [(1024, 23, 16)]),
+    "sdxl": (SDXL_UNET, [(768, 12, 12), (1280, 32, 20)]),
 }
 
 
 def build(family: str, resolution: int) -> SDComponents:
-    """SD-shaped random components: full-size UNet and text encoder, a small VAE with the SD latent layout."""
-    shape = dict(SHAPES[family])
-    text_layers, text_heads = shape.pop("text_layers"), shape.pop("text_heads")
+    """Family-shaped random components: full-size UNet and text towers, a small VAE with the SD latent layout."""
+    unet_config, towers = SHAPES[family]
     torch.manual_seed(0)
-    tokenizer = build_word_tokenizer()
-    unet = UNet2DConditionModel(sample_size=resolution // 8, **shape)
+    unet = UNet2DConditionModel(sample_size=resolution // 8, **unet_config)
     vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
-    dim = shape["cross_attention_dim"]
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=4 * dim,
-                                        num_hidden_layers=text_layers, num_attention_heads=text_heads,
-                                        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    sched = sd_noise_scheduler()
-    for m in (unet, vae, text):
+    parts = []
+    for i, (dim, layers, heads) in enumerate(towers):
+        tokenizer = build_word_tokenizer()
+        if i:
+            tokenizer.pad_token = "!"
+        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=4 * dim,
+                                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id, projection_dim=dim)
+        parts.append(((CLIPTextModelWithProjection if i else CLIPTextModel)(config), tokenizer))
+    for m in (unet, vae, *(t for t, _ in parts)):
         m.requires_grad_(False).eval()
-    return SDComponents(unet, vae, text, tokenizer, sched, source=f"random-{family}")
+    (text, tokenizer), *second = parts
+    return SDComponents(unet, vae, text, tokenizer, sd_noise_scheduler(), source=f"random-{family}",
+                        text_encoder_2=second[0][0] if second else None, tokenizer_2=second[0][1] if second else None)
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -81,29 +95,10 @@ def reset_peak(device: torch.device) -> None:
         mod.reset_peak_memory_stats()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", default="sd1", choices=list(SHAPES))
-    ap.add_argument("--resolution", type=int, default=256)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
-    ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, fp16, bf16+gc (gc = gradient checkpointing)")
-    ap.add_argument("--preview-every", type=int, default=100,
-                    help="the training-preview interval whose cost is reported (0: not measured)")
-    args = ap.parse_args()
-    device = resolve_device(args.device)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    print(f"device: {device} ({machine_description(device)}); {args.family}-shaped random UNet, "
-          f"{args.resolution} px")
+def measure_masks(args, device: torch.device, concepts) -> None:
+    """Mask extraction vs one UNet forward (batch 1, fp32), on a model of its own."""
     comps = build(args.family, args.resolution).to(device)
     print(f"UNet parameters: {sum(p.numel() for p in comps.unet.parameters()) / 1e6:.0f} M")
-    image = Image.new("RGB", (args.resolution, args.resolution), (128, 128, 128))
-    masks = [torch.zeros(args.resolution, args.resolution) for _ in range(2)]
-    masks[0][: args.resolution // 2] = 1
-    masks[1][args.resolution // 2:] = 1
-    concepts = parse_concepts("cat, dog")
-
-    # mask extraction vs one UNet forward (batch 1, fp32)
     ConceptTokens.add(comps, concepts)
     latents = torch.randn(1, 4, args.resolution // 8, args.resolution // 8, device=device)
     emb = encode_prompts(comps, [concepts_prompt(["<c0>", "<c1>"])], latents)
@@ -126,8 +121,32 @@ def main() -> None:
     print(f"| one UNet forward (batch 1) | {t_fwd:.2f} | 1.00 |")
     print(f"| mask extraction | {t_mask:.2f} | {t_mask / t_fwd:.2f} |")
 
-    print("\n| precision | AttenCraft step s | plain LoRA step s | ratio | peak memory (AttenCraft) |")
-    print("| --- | --- | --- | --- | --- |")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="sd1", choices=list(SHAPES))
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, fp16, bf16+gc (gc = gradient checkpointing)")
+    ap.add_argument("--preview-every", type=int, default=100,
+                    help="the training-preview interval whose cost is reported (0: not measured)")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    print(f"device: {device} ({machine_description(device)}); {args.family}-shaped random UNet, "
+          f"{args.resolution} px")
+    image = Image.new("RGB", (args.resolution, args.resolution), (128, 128, 128))
+    masks = [torch.zeros(args.resolution, args.resolution) for _ in range(2)]
+    masks[0][: args.resolution // 2] = 1
+    masks[1][args.resolution // 2:] = 1
+    concepts = parse_concepts("cat, dog")
+    measure_masks(args, device, concepts)
+    gc.collect()  # one full model in memory at a time (SDXL's is 10 GB in fp32)
+
+    print("\n| precision | AttenCraft step s | plain LoRA step s | ratio | peak device memory (AttenCraft) | "
+          "peak RSS so far |")
+    print("| --- | --- | --- | --- | --- | --- |")
 
     def measure(variant: str) -> str:
         """One row of the table; its model and optimizer are freed on return."""
@@ -171,7 +190,8 @@ def main() -> None:
 
         plain_step()
         t_plain = timed(plain_step, args.steps, device)
-        return f"| {variant} | {t_ac:.2f} | {t_plain:.2f} | {t_ac / t_plain:.2f} | {mem} |"
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+        return f"| {variant} | {t_ac:.2f} | {t_plain:.2f} | {t_ac / t_plain:.2f} | {mem} | {rss:.1f} GiB |"
 
     previews: list[str] = []
     for variant in args.precisions.split(","):

@@ -105,3 +105,110 @@ def test_sd2_checkpoint_bridges_exactly(tmp_path):
         cond = clip.encode_from_tokens(clip.tokenize("a photo of a cat"))
         ids = comps.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
         torch.testing.assert_close(comps.text_encoder(ids)[0], cond.float(), atol=1e-4, rtol=1e-4)
+
+
+# A small SDXL-layout UNet (SDXL's blocks, depths 1 and 2, 64 base channels) with SDXL's full text towers and
+# VAE: built in-process, since a detectable SDXL checkpoint is too large for this machine's memory twice over.
+SMALL_SDXL = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+              "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+              "model_channels": 64, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2],
+              "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2], "channel_mult": [1, 2, 4],
+              "transformer_depth_middle": 2, "use_linear_in_transformer": True, "context_dim": 2048,
+              "num_head_channels": 64, "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+@pytest.fixture(scope="module")
+def sdxl_objects():
+    """ComfyUI's own SDXL MODEL, CLIP (clip_l + clip_g at full size) and VAE objects with random weights."""
+    add_comfy_to_path()
+    import json
+
+    import comfy.diffusers_convert
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 4), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)
+    diff_sd = unet.state_dict()
+    config = comfy.supported_models.SDXL(dict(SMALL_SDXL))
+    model = config.get_model({})
+    comfy_sd = {v: diff_sd[k] for k, v in comfy.utils.unet_to_diffusers(SMALL_SDXL).items() if k in diff_sd}
+    model.diffusion_model.load_state_dict(comfy_sd, strict=True)
+    patcher = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+    configs = comfy_dir() / "comfy"
+    towers = {}
+    for prefix, file, cls in (("clip_l", "sd1_clip_config.json", CLIPTextModel),
+                              ("clip_g", "clip_config_bigg.json", CLIPTextModelWithProjection)):
+        cfg = json.loads((configs / file).read_text())
+        text = cls(CLIPTextConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+        towers.update({f"{prefix}.transformer.{k if k.startswith(('text_model.', 'text_projection')) else 'text_model.' + k}": v
+                       for k, v in text.state_dict().items()})
+    clip = comfy.sd.CLIP(config.clip_target())
+    clip.load_sd(towers, full_model=True)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4)
+    comfy_vae = comfy.sd.VAE(sd=comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()))
+    return patcher, clip, comfy_vae
+
+
+def test_sdxl_bridges_exactly(sdxl_objects):
+    """SDXL: the UNet with its size/crop conditioning, both text towers (penultimate layers side by side, clip_g's
+    pooled projection) and the latent scale, each equal to what ComfyUI computes."""
+    load_pack()
+    from attencraft_pack.attencraft_core.encoding import encode_prompts
+    from attencraft_pack.nodes.bridge import components_from_comfy
+
+    model, clip, vae = sdxl_objects
+    with torch.inference_mode():
+        comps = components_from_comfy(model, clip, vae)
+    assert comps.family == "sdxl" and comps.text_encoder_2.config.hidden_size == 1280
+    assert comps.vae.config.scaling_factor == pytest.approx(0.13025)
+    prompt = "a photo of a cat and a dog"
+    with torch.no_grad():
+        tokens = clip.tokenize(prompt)
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        latents = torch.randn(1, 4, 32, 48)
+        ours = encode_prompts(comps, [prompt], latents)
+        torch.testing.assert_close(ours["encoder_hidden_states"], cond.float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours["added_cond_kwargs"]["text_embeds"], pooled.float(), atol=1e-4, rtol=1e-4)
+        h, w = 32 * comps.vae_scale_factor, 48 * comps.vae_scale_factor
+        y = model.model.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
+                                   target_height=h)
+        t = torch.tensor([400])
+        theirs = model.model.diffusion_model(latents, timesteps=t, context=cond, y=y)
+        mine = comps.unet(latents, t, **ours).sample
+    assert (mine - theirs).abs().max() < 1e-4 * max(1.0, float(theirs.abs().max()))
+
+
+def test_an_sdxl_lora_loads_into_comfyui_with_every_key(sdxl_objects):
+    """The kohya export of a LoRA on every attention and feed-forward layer maps onto ComfyUI's SDXL key map."""
+    add_comfy_to_path()
+    import comfy.lora
+    import comfy.sd
+
+    load_pack()
+    from attencraft_pack.attencraft_core.lora import add_lora, lora_state_dict, to_kohya
+    from attencraft_pack.nodes.bridge import components_from_comfy
+    from attencraft_pack.nodes.logic import check_lora_keys
+
+    model, clip, vae = sdxl_objects
+    with torch.inference_mode(False):
+        comps = components_from_comfy(model, clip, vae)
+        add_lora(comps.unet, rank=2, targets="all")
+        kohya = to_kohya(lora_state_dict(comps.unet), 2.0)
+    check_lora_keys(kohya, comfy.lora.model_lora_keys_unet(model.model, {}))
+    patched, _ = comfy.sd.load_lora_for_models(model, clip, kohya, 1.0, 0.0)
+    assert len(patched.patches) == len({k.split(".")[0] for k in kohya})  # every module patched, none skipped

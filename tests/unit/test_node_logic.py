@@ -168,6 +168,35 @@ SD21_UNET = {**SD15_UNET, "use_linear_in_transformer": True, "context_dim": 1024
              "num_head_channels": 64}
 
 
+# ComfyUI's detection of SDXL base 1.0, and the diffusers config it was released with (unet/config.json)
+SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+             "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             "use_temporal_attention": False, "use_temporal_resblock": False}
+SDXL_DIFFUSERS = dict(
+    addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], layers_per_block=2,
+    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True)
+
+
+def test_comfy_sdxl_unet_config_becomes_the_released_sdxl_config():
+    from diffusers import UNet2DConditionModel
+
+    from attencraft_pack.nodes.bridge import unet_config_to_diffusers
+
+    config = unet_config_to_diffusers(SDXL_UNET, sample_size=128)
+    for key, value in SDXL_DIFFUSERS.items():
+        assert config[key] == value, key
+    with torch.device("meta"):
+        ours, released = UNet2DConditionModel(**config), UNet2DConditionModel(**SDXL_DIFFUSERS)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == \
+        [(n, p.shape) for n, p in released.named_parameters()]
+
+
 @pytest.mark.parametrize("unet_config, params, heads, linear", [
     (SD15_UNET, 859_520_964, 8, False),        # runwayml/stable-diffusion-v1-5 UNet
     (SD21_UNET, 865_910_724, [5, 10, 20, 20], True),  # stabilityai/stable-diffusion-2-1(-base) UNet
@@ -189,5 +218,6 @@ def test_comfy_unet_config_becomes_the_diffusers_sd_config(unet_config, params, 
 def test_other_model_families_are_refused():
     from attencraft_pack.nodes.bridge import unet_config_to_diffusers
 
-    with pytest.raises(AttenCraftError, match="SD 1.x and SD 2.x checkpoints"):
-        unet_config_to_diffusers({**SD15_UNET, "adm_in_channels": 2816, "context_dim": 2048})
+    refiner = {**SDXL_UNET, "adm_in_channels": 2560, "context_dim": 1280, "model_channels": 384}
+    with pytest.raises(AttenCraftError, match="SD 2.x and SDXL .* this MODEL is another kind \\(the SDXL refiner"):
+        unet_config_to_diffusers(refiner)

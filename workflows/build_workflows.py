@@ -59,8 +59,24 @@ def record_specs(server: str, types: set[str]) -> None:
     if missing:
         raise SystemExit(f"{server} does not know {', '.join(missing)}: is the pack loaded?")
     keep = ("input", "input_order", "output", "output_name")
-    SPECS.write_text(json.dumps({t: {k: info[t][k] for k in keep} for t in sorted(types)}, indent=1) + "\n")
+    specs = {t: without_file_lists(t, {k: info[t][k] for k in keep}) for t in sorted(types)}
+    SPECS.write_text(json.dumps(specs, indent=1) + "\n")
     print(f"wrote {SPECS}")
+
+
+FILE_LISTS = {"LoadImage": "image", "CheckpointLoaderSimple": "ckpt_name", "AttenCraftApplyConcepts": "saved_concept_set"}
+
+
+def without_file_lists(kind: str, spec: dict) -> dict:
+    """`spec` with the choices of an input that lists the server's files emptied (they vary by machine)."""
+    name = FILE_LISTS.get(kind)
+    entry = spec["input"].get("required", {}).get(name)
+    if entry is not None:
+        if isinstance(entry[0], list):
+            entry[0] = []
+        else:
+            entry[1]["options"] = []
+    return spec
 
 
 def inputs_of(spec: dict) -> list[tuple[str, str, dict]]:

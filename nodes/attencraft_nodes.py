@@ -77,18 +77,16 @@ def _install_example_image() -> None:
         logging.warning("AttenCraft: could not copy the example image into the input folder (%s)", exc)
 
 
-def _progress(node_id) -> ComfyProgress:
-    """The core's progress shown on node `node_id`: its progress bar, a text line, and ComfyUI's cancel."""
-    def send_text(text: str) -> None:
-        if PromptServer.instance is not None and node_id is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
-    return ComfyProgress(lambda total: comfy.utils.ProgressBar(total, node_id=node_id), send_text,
-                         mm.throw_exception_if_processing_interrupted)
-
-
 def _show_text(node_id, text: str) -> None:
+    """Text shown on node `node_id` in the editor (it stays until the node runs again)."""
     if PromptServer.instance is not None and node_id is not None:
         PromptServer.instance.send_progress_text(text, node_id)
+
+
+def _progress(node_id) -> ComfyProgress:
+    """The core's progress shown on node `node_id`: its progress bar, a text line, and ComfyUI's cancel."""
+    return ComfyProgress(lambda total: comfy.utils.ProgressBar(total, node_id=node_id),
+                         lambda text: _show_text(node_id, text), mm.throw_exception_if_processing_interrupted)
 
 
 def _checkpoint_inputs(image_tooltip: str) -> list:

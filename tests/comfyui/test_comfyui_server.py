@@ -90,9 +90,9 @@ def test_masks_only_workflow(server, mask_seed):
 
 
 def full(server, mask_seed, name, steps, **extra):
-    return workflow("attencraft_full_pipeline", **extra, **{
+    return workflow("attencraft_full_pipeline", **{
         "3.seed": mask_seed, "3.threshold": 0.0, "5.steps": steps, "5.learning_rate": 0.01, "5.rank": 4,
-        "5.name": name, "5.prior_images": ["2", 0], "5.preview_every": 0})
+        "5.name": name, "5.prior_images": ["2", 0], "5.preview_every": 0, **extra})
 
 
 def shown_text(entry, node_id) -> str:
@@ -102,7 +102,7 @@ def shown_text(entry, node_id) -> str:
 def test_full_pipeline_then_apply_saved(server, mask_seed):
     started = time.time()
     entry, events = run(server, full(server, mask_seed, "duo", 3, **{"5.loss_mask_margin": 2,
-                                                                      "5.preview_every": 3}))
+                                                                      "5.preview_every": 3, "5.save_every": 2}))
     seconds = time.time() - started
     assert client.failure_message(entry) is None, client.failure_message(entry)
     assert any("[node 5 AttenCraftTrainLoRA] 3/3" in e for e in events)
@@ -117,6 +117,10 @@ def test_full_pipeline_then_apply_saved(server, mask_seed):
     assert not (run_dir / "checkpoint.safetensors").exists()  # a finished run keeps what a user needs only
     with safe_open(base / "attencraft" / "duo.safetensors", "pt") as f:
         assert json.loads(f.metadata()["training"])["loss_mask_margin"] == 2  # the node's input reached training
+    listed = server.get("/object_info/AttenCraftApplyConcepts")["AttenCraftApplyConcepts"]["input"]["required"][
+        "saved_concept_set"][1]["options"]
+    assert "duo.safetensors" in listed and "duo_run/duo_step000002.safetensors" in listed
+    assert not [n for n in listed if "kohya" in n or "_c0" in n or "checkpoint" in n or n.endswith("_run/duo.safetensors")]
     log = (server.base / "comfyui.log").read_text()
     assert "lora key not loaded" not in log and "does not exist, ignoring" not in log
     together = image_outputs(server, entry, "73")[0]
@@ -148,16 +152,21 @@ def test_cancel_during_training_keeps_the_last_checkpoint(server, mask_seed):
 
     ws = websocket.WebSocket()
     ws.connect(server.url.replace("http", "ws") + f"/ws?clientId={cid}", timeout=600)
+    def next_event() -> dict:
+        while isinstance(message := ws.recv(), bytes):  # previews and node text come as binary frames
+            pass
+        return json.loads(message)
+
     seen = 0
     while seen < 8:
-        event = json.loads(ws.recv())
+        event = next_event()
         if event.get("type") == "progress" and event["data"].get("node") == "5":
             seen = event["data"]["value"]
     urllib.request.urlopen(urllib.request.Request(server.url + "/interrupt", data=b"", method="POST"))
     last = seen
     deadline = time.time() + 300
     while time.time() < deadline:
-        event = json.loads(ws.recv())
+        event = next_event()
         if event.get("type") == "progress" and event["data"].get("node") == "5":
             last = event["data"]["value"]
         if event.get("type") in ("execution_interrupted", "execution_error", "execution_success"):

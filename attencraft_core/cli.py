@@ -30,8 +30,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     _add_quiet_arg(p)
     p.add_argument("--model", required=True,
-                   help="local diffusers folder of an SD 1.x/2.x style model (unet/, vae/, text_encoder/, "
-                        "tokenizer/, scheduler/); nothing is downloaded")
+                   help="local diffusers folder of an SD 1.x, 2.x or SDXL model (unet/, vae/, text_encoder/, "
+                        "tokenizer/, scheduler/; SDXL also text_encoder_2/, tokenizer_2/); nothing is downloaded")
     p.add_argument("--device", default="auto",
                    help="torch device, e.g. cpu or cuda:0; auto picks the available accelerator (default auto)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],

@@ -15,6 +15,12 @@ def encode_prompts(comps: SDComponents, prompts: list[str], latents: torch.Tenso
     return family_of(comps).conditioning(comps, prompts, image_hw)
 
 
+def cat_conditioning(first: dict, second: dict) -> dict:
+    """Two conditionings (as encode_prompts gives them) as one batch."""
+    return {k: cat_conditioning(v, second[k]) if isinstance(v, dict) else torch.cat([v, second[k]])
+            for k, v in first.items()}
+
+
 def encode_images(comps: SDComponents, pixels: torch.Tensor) -> torch.Tensor:
     """Scaled VAE latents (distribution mean) of pixels in [-1, 1], [B, 3, H, W]."""
     vae = comps.vae

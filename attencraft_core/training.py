@@ -20,7 +20,7 @@ from .checkpoint import (CHECKPOINT, load_checkpoint, optimizer_from_flat, optim
 from .concept_file import ConceptSet
 from .concept_tokens import ConceptTokens
 from .concepts import Concept, concepts_prompt, token_positions
-from .encoding import encode_images, encode_prompts
+from .encoding import cat_conditioning, encode_images, encode_prompts
 from .errors import AttenCraftError
 from .generation import class_images as make_class_images
 from .generation import model_fingerprint
@@ -166,6 +166,7 @@ class Trainer:
         self.opts.check(comps.native_resolution)
         self.comps, self.concepts, self.callback, self.log, self.progress = comps, concepts, callback, log, progress
         self.on_preview = on_preview
+        self._class_conditioning = None
         self.resolution = self.opts.resolution or comps.native_resolution
         self.out = ensure_out_dir(out_dir)
         self.device = comps.device
@@ -221,11 +222,11 @@ class Trainer:
         placeholders = [self.concepts[i].placeholder for i in chosen]
         prompt = concepts_prompt(placeholders)
         positions = token_positions(comps.tokenizer, prompt, placeholders)
-        latents, prompts = self.latents, [prompt]
+        latents, cond = self.latents, encode_prompts(comps, [prompt], self.latents)
         if o.prior_weight > 0:
             pick = int(torch.randint(len(self.class_latents), (1,), generator=self.generator))
             latents = torch.cat([latents, self.class_latents[pick:pick + 1]])
-            prompts.append(o.class_prompt)
+            cond = cat_conditioning(cond, self.class_conditioning())
         noise = torch.randn(latents.shape, generator=self.generator).to(latents)
         t = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (len(latents),),
                           generator=self.generator).to(self.device)
@@ -234,7 +235,7 @@ class Trainer:
         # the recording processors stay installed through backward: gradient checkpointing reruns them
         with capture_attention(comps.unet, store, o.masks.cross_factor, None, detach_sot=True):
             with self._autocast():
-                pred = comps.unet(noisy, t, **encode_prompts(comps, prompts, latents)).sample
+                pred = comps.unet(noisy, t, **cond).sample
             target = self._target(latents, noise, t)
 
             latent_mask = self.loss_mask(chosen, latents.shape[-2:]).to(self.device)
@@ -266,6 +267,14 @@ class Trainer:
                   **{k: float(v.detach()) for k, v in losses.items()}}
         self.history.append(record)
         return record
+
+    def class_conditioning(self) -> dict:
+        """The prior images' text conditioning, computed once: the class prompt holds no concept token, so
+        training never changes it (this spares the text towers' forward and backward for half the batch)."""
+        if self._class_conditioning is None:
+            with torch.no_grad():
+                self._class_conditioning = encode_prompts(self.comps, [self.opts.class_prompt], self.latents)
+        return self._class_conditioning
 
     def loss_mask(self, chosen: list[int], size: tuple[int, int]) -> torch.Tensor:
         """[1, 1, h, w] float mask of the masked loss at latent size: the chosen concepts' masks, grown by

@@ -212,3 +212,40 @@ def test_an_sdxl_lora_loads_into_comfyui_with_every_key(sdxl_objects):
     check_lora_keys(kohya, comfy.lora.model_lora_keys_unet(model.model, {}))
     patched, _ = comfy.sd.load_lora_for_models(model, clip, kohya, 1.0, 0.0)
     assert len(patched.patches) == len({k.split(".")[0] for k in kohya})  # every module patched, none skipped
+
+
+def test_sdxl_trains_in_comfyui_and_its_embeddings_load_in_the_sdxl_tokenizers(sdxl_objects, tmp_path):
+    """Train LoRA's path on an SDXL MODEL: training under ComfyUI's inference mode, then the embedding file
+    (clip_l + clip_g) that `embedding:<name>` finds in ComfyUI's own SDXL CLIP."""
+    add_comfy_to_path()
+    import comfy.sd
+    from PIL import Image
+
+    load_pack()
+    from attencraft_pack.attencraft_core.concepts import parse_concepts
+    from attencraft_pack.attencraft_core.training import Trainer, TrainOptions
+    from attencraft_pack.nodes.bridge import components_from_comfy
+    from attencraft_pack.nodes.logic import fill_prompt, write_embeddings
+
+    model, clip, vae = sdxl_objects
+    masks = [torch.zeros(256, 256), torch.zeros(256, 256)]
+    masks[0][:128], masks[1][128:] = 1, 1
+    image = Image.new("RGB", (256, 256), (120, 60, 30))
+    with torch.inference_mode():
+        with torch.inference_mode(False):
+            comps = components_from_comfy(model, clip, vae)
+            opts = TrainOptions(steps=2, rank=2, resolution=256, prior_weight=0)
+            result = Trainer(comps, image, parse_concepts("cat, dog"), tmp_path / "run", opts, user_masks=masks,
+                             log=lambda s: None).run("xl")
+    cs = result.concept_set
+    assert cs.family == "sdxl" and cs.widths == [768, 1280]
+    names = write_embeddings(cs, "xl", tmp_path / "embeddings")
+    prompt = fill_prompt("a photo of <c0>", cs, names)
+    import comfy.supported_models
+
+    target = comfy.supported_models.SDXL(dict(SMALL_SDXL)).clip_target()  # tokenizing needs no weights
+    tokens = comfy.sd.CLIP(target, embedding_directory=str(tmp_path / "embeddings")).tokenize(prompt)
+    for tower, row in (("l", cs.embeddings[0][:768]), ("g", cs.embeddings[0][768:])):
+        found = [t for t, _ in tokens[tower][0] if isinstance(t, torch.Tensor)]
+        assert len(found) == 1, f"clip_{tower} did not load the embedding"
+        torch.testing.assert_close(found[0].float().flatten(), row)

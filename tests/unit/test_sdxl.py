@@ -62,13 +62,15 @@ def test_each_concept_gets_a_token_in_both_towers_initialised_from_its_word(xl):
     torch.testing.assert_close(tokens.rows(), rows)
 
 
-def test_masks_read_the_32x32_style_cross_attention_of_an_sdxl_unet(xl):
+@pytest.mark.parametrize("words", ["cat, dog", "cat, dog, bird"])
+def test_masks_read_the_32x32_style_cross_attention_of_an_sdxl_unet(xl, words):
     """SDXL has no attention at its top level: the default factors (cross latent/4, self latent/2) exist."""
-    concepts = parse_concepts("cat, dog")
+    concepts = parse_concepts(words)
     ConceptTokens.add(xl, concepts)
     latents = torch.randn(1, 4, 32, 32)
     maps, self_attn, _ = concept_attention(xl, latents, concepts, MaskOptions(), torch.Generator().manual_seed(0))
-    assert maps.shape == (3, 16, 16) and self_attn.shape == (256, 256)
+    assert maps.shape == (len(concepts) + 1, 16, 16) and self_attn.shape == (256, 256)
+    assert torch.isfinite(maps).all() and not torch.equal(maps[1], maps[2])
 
 
 def trainer_for(comps, out, **options):

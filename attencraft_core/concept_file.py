@@ -18,7 +18,9 @@ from .concepts import Concept
 from .families import family_named
 from .errors import AttenCraftError
 from .lora import TARGETS, load_lora_state_dict, set_lora_strength, to_kohya
+from .options import settings_of
 from .outputs import atomic_write
+from .settings import TrainOptions
 from .validation import first_non_finite, require_number
 
 FORMAT = "attencraft-concepts/1"
@@ -144,7 +146,8 @@ class ConceptSet:
             rank, alpha = int(meta["lora_rank"]), float(meta["lora_alpha"])
         except ValueError as exc:
             raise bad(f"lora_rank / lora_alpha are not numbers ({exc})") from exc
-        if not 1 <= rank <= 1024 or not math.isfinite(alpha) or alpha <= 0:
+        rank_range = next(f.metadata for f in settings_of(TrainOptions) if f.name == "rank")
+        if not rank_range["low"] <= rank <= rank_range["high"] or not math.isfinite(alpha) or alpha <= 0:
             raise bad(f"LoRA rank {rank} / alpha {alpha} out of range")
         if meta["lora_targets"] not in TARGETS:
             raise bad(f"unknown LoRA targets {meta['lora_targets']!r}")

@@ -29,7 +29,7 @@ PLACEHOLDER_RE = re.compile(r"<c\d+>")
 
 def embedding_key(family: str) -> str:
     """Key ComfyUI reads from a one-tower textual-inversion file: clip_l for SD 1.x, clip_h for SD 2.x."""
-    return family_named(family).embedding_keys(family, 1)[0]
+    return family_named(family).embedding_keys(family)[0]
 
 
 MAX_HEADER_BYTES = 16 * 2 ** 20  # a concept set's metadata is a few KB; a larger header is refused unread
@@ -239,7 +239,7 @@ class ConceptSet:
         """Concept `index` as a textual-inversion file, one [1, width] row per text tower under the key
         ComfyUI reads: clip_l (SD 1.x), clip_h (SD 2.x), clip_l + clip_g (SDXL), emb_params (other)."""
         concept = self.concepts[index]
-        keys = family_named(self.family).embedding_keys(self.family, len(self.tower_widths))
+        keys = family_named(self.family).embedding_keys(self.family)
         parts = self.embeddings[index].float().split(self.tower_widths)
         return _save_safetensors(Path(path), {k: part[None] for k, part in zip(keys, parts)},
                                  {"word": concept.word, "placeholder": concept.placeholder})

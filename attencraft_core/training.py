@@ -23,8 +23,7 @@ from .concepts import Concept, concepts_prompt, token_positions
 from .encoding import cat_conditioning, encode_images, encode_prompts
 from .errors import AttenCraftError
 from .generation import class_images as make_class_images
-from .generation import model_fingerprint
-from .generation import generate
+from .generation import generate, model_fingerprint
 from .images import contact_sheet, image_fingerprint, image_to_tensor, mask_to_image
 from .lora import add_lora, copy_lora_weights, lora_parameters, lora_state_dict
 from .losses import attention_loss, masked_diffusion_loss, ssim
@@ -79,8 +78,9 @@ def prepare_user_masks(masks: list, concepts: list[Concept], size: tuple[int, in
 
 @dataclass
 class TrainingInputs:
-    """What training reads: the placeholder token ids, the image's latents, the prior images' latents (None
-    without prior preservation), the masks [N, h, w] at attention resolution and their attention scores [N]."""
+    """What training reads: the concept tokens (in every text tower), the image's latents, the prior images'
+    latents (None without prior preservation), the masks [N, h, w] at attention resolution and their attention
+    scores [N]."""
 
     tokens: ConceptTokens
     latents: torch.Tensor

@@ -26,7 +26,7 @@ class StableDiffusion:
         """(tokenizer, text encoder) pairs whose token tables hold the concept tokens."""
         return [(comps.tokenizer, comps.text_encoder)]
 
-    def embedding_keys(self, name: str, towers: int) -> list[str]:
+    def embedding_keys(self, name: str) -> list[str]:
         """The key of each tower's row in a textual-inversion file."""
         return [EMBEDDING_KEYS.get(name, "emb_params")]
 

@@ -23,7 +23,7 @@ class StableDiffusionXL(StableDiffusion):
     def towers(self, comps) -> list[tuple[object, torch.nn.Module]]:
         return [(comps.tokenizer, comps.text_encoder), (comps.tokenizer_2, comps.text_encoder_2)]
 
-    def embedding_keys(self, name: str, towers: int) -> list[str]:
+    def embedding_keys(self, name: str) -> list[str]:
         return ["clip_l", "clip_g"]
 
     def conditioning(self, comps, prompts: list[str], image_hw: tuple[int, int]) -> dict:

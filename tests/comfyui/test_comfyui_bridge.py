@@ -249,3 +249,32 @@ def test_sdxl_trains_in_comfyui_and_its_embeddings_load_in_the_sdxl_tokenizers(s
         found = [t for t, _ in tokens[tower][0] if isinstance(t, torch.Tensor)]
         assert len(found) == 1, f"clip_{tower} did not load the embedding"
         torch.testing.assert_close(found[0].float().flatten(), row)
+
+
+SD3_SMALL = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "num_patches": 36864,
+             "pos_embed_max_size": 192, "adm_in_channels": 2048, "pos_embed_scaling_factor": None,
+             "context_embedder_config": {"target": "torch.nn.Linear",
+                                         "params": {"in_features": 4096, "out_features": 128}}}
+FLUX_SMALL = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "patch_size": 2, "out_channels": 16,
+              "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2,
+              "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True}
+
+
+@pytest.mark.parametrize("kind,unet_config", [("SD3", SD3_SMALL), ("Flux", FLUX_SMALL)])
+def test_sd3_and_flux_models_get_a_node_error_naming_them(kind, unet_config):
+    """Small SD3 / Flux MODELs built by ComfyUI's own classes: Extract and Train refuse them with a node error
+    that names the model kind and what the pack supports, before converting anything."""
+    add_comfy_to_path()
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    load_pack()
+    from attencraft_pack.nodes.bridge import components_from_comfy
+    from attencraft_pack.nodes.node_errors import AttenCraftNodeError, node_errors
+
+    model = getattr(comfy.supported_models, kind)(dict(unet_config)).get_model({})
+    patcher = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+    execute = node_errors(lambda: components_from_comfy(patcher, None, None))
+    with pytest.raises(AttenCraftNodeError, match=f"({kind}).*SD 1.x, SD 2.x and SDXL"):
+        execute()

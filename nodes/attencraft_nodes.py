@@ -66,6 +66,11 @@ def _saved_sets() -> list[str]:
     return [NO_FILE] + sorted(sets)
 
 
+def _write_embeddings(concept_set: ConceptSet, name: str) -> list[str]:
+    """The set's embeddings in ComfyUI's embeddings folder (see logic.write_embeddings); their prompt names."""
+    return write_embeddings(concept_set, name, folder_paths.get_folder_paths("embeddings")[0])
+
+
 def _install_example_image() -> None:
     """Copy the bundled workflows' example image into ComfyUI's input folder (never over a user's file)."""
     try:
@@ -240,7 +245,7 @@ class TrainLoRA(io.ComfyNode):
                 trainer.resume()
             result = trainer.run(name, replace=plan == "replace")
             write_comfy_files(result.concept_set, paths)
-            embeddings = write_embeddings(result.concept_set, name, folder_paths.get_folder_paths("embeddings")[0])
+            embeddings = _write_embeddings(result.concept_set, name)
             curve = image_to_comfy(Image.open(result.files["loss_curve"]))
         _show_text(cls.hidden.unique_id, "\n".join(notes + [f"trained {steps} steps; LoRA loras/attencraft/{name}"
                                                              ".safetensors"] + [f"embedding:{e}" for e in embeddings]))
@@ -292,7 +297,7 @@ class ApplyConcepts(io.ComfyNode):
             concept_set = TrainedConcepts(ConceptSet.load(path), check_name(stem))
         cs, name = concept_set.concept_set, concept_set.name
         cs.check_text_width(model.model.model_config.unet_config.get("context_dim"), "the MODEL")
-        names = write_embeddings(cs, name, folder_paths.get_folder_paths("embeddings")[0])
+        names = _write_embeddings(cs, name)
         kohya = to_kohya(cs.lora, cs.alpha)
         check_lora_keys(kohya, comfy.lora.model_lora_keys_unet(model.model, {}))
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, kohya, strength, 0.0)
@@ -320,8 +325,7 @@ class ConceptPrompt(io.ComfyNode):
     @classmethod
     @node_errors
     def execute(cls, concept_set, text) -> io.NodeOutput:
-        names = write_embeddings(concept_set.concept_set, concept_set.name,
-                                 folder_paths.get_folder_paths("embeddings")[0])
+        names = _write_embeddings(concept_set.concept_set, concept_set.name)
         prompt = fill_prompt(text, concept_set.concept_set, names)
         _show_text(cls.hidden.unique_id, prompt)
         return io.NodeOutput(prompt, ui=ui.PreviewText(prompt))

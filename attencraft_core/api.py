@@ -22,7 +22,7 @@ from .model_loading import SDComponents, load_components, sd_noise_scheduler
 from .outputs import atomic_write, ensure_out_dir, safe_name, save_image, save_mask_outputs, write_json
 from .options import settings_of, value_type
 from .progress import Progress, ProgressBars, no_progress
-from .run_folder import earlier_run_files, is_concept_set
+from .run_folder import earlier_run_files, is_concept_set, is_snapshot
 from .settings import MaskOptions, TrainOptions
 from .training import Trainer, TrainingCancelled, TrainResult
 from .validation import require_number, require_seed
@@ -30,7 +30,7 @@ from .validation import require_number, require_seed
 __all__ = [
     "PLACEHOLDER_RE", "ConceptTokens", "family_of",    "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
     "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
-    "add_concept_tokens", "earlier_run_files", "is_concept_set", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",
+    "add_concept_tokens", "earlier_run_files", "is_concept_set", "is_snapshot", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",
     "decode_latents", "default_device", "demo_prompts", "embedding_key", "encode_images", "encode_prompts",
     "ensure_out_dir", "ensure_rgb", "extract_masks", "generate", "image_to_tensor", "layer_factors",
     "load_checkpoint", "load_components", "load_image", "mask_to_image", "masks_from_latents", "no_progress",

@@ -86,6 +86,11 @@ def is_concept_set(path: Path) -> bool:
 SNAPSHOT = re.compile(r"(.+)_step(\d{6,})")
 
 
+def is_snapshot(path: str | Path) -> bool:
+    """Whether a file is named as a run's step snapshot (<name>_step<N>.safetensors)."""
+    return SNAPSHOT.fullmatch(Path(path).stem) is not None
+
+
 def snapshot_name(name: str, step: int) -> str:
     return f"{name}_step{step:06d}.safetensors"
 

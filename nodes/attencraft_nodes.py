@@ -20,8 +20,8 @@ from comfy_api.latest import ComfyExtension, io, ui
 from PIL import Image
 from server import PromptServer
 
-from ..attencraft_core.api import (ConceptSet, MaskOptions, Trainer, TrainOptions, is_concept_set, settings_of,
-                                   to_kohya, value_type)
+from ..attencraft_core.api import (ConceptSet, MaskOptions, Trainer, TrainOptions, is_concept_set, is_snapshot,
+                                   settings_of, to_kohya, value_type)
 from .bridge import components_from_comfy
 from .comfy_progress import ComfyProgress
 from .logic import (TrainedConcepts, check_lora_keys, check_name, comfy_file_paths, extract, fill_prompt,
@@ -61,7 +61,7 @@ def _saved_sets() -> list[str]:
     for name in folder_paths.get_filename_list(SETS_FOLDER):
         path = folder_paths.get_full_path(SETS_FOLDER, name)
         top_level = "/" not in name.replace(os.sep, "/")
-        if path and (top_level or "_step" in os.path.basename(name)) and is_concept_set(Path(path)):
+        if path and (top_level or is_snapshot(name)) and is_concept_set(Path(path)):
             sets.append(name)
     return [NO_FILE] + sorted(sets)
 

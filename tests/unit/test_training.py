@@ -22,7 +22,7 @@ from attencraft_core.concept_tokens import ConceptTokens
 from attencraft_core.generation import class_images, generate
 from attencraft_core.lora import from_kohya, lora_deltas, set_lora_strength
 from attencraft_core.outputs import atomic_write, write_json
-from attencraft_core.run_folder import RunLock
+from attencraft_core.run_folder import RunLock, is_snapshot
 from attencraft_lab.tiny_models import build_tiny_components
 from attencraft_core.training import (Trainer, TrainingCancelled, TrainOptions, attach_trainables,
                                       prepare_inputs)
@@ -565,6 +565,7 @@ def test_snapshots_every_n_steps_keep_the_last_k_and_each_loads(tmp_path):
     result = make_trainer(build_tiny_components(seed=0), tmp_path, steps=8, save_every=2, keep_last=2).run("snap")
     kept = sorted(p.name for p in tmp_path.glob("snap_step*.safetensors"))
     assert kept == ["snap_step000004.safetensors", "snap_step000006.safetensors"]  # 2 is dropped; 8 is the final
+    assert all(is_snapshot(k) for k in kept) and not is_snapshot("snap.safetensors")
     snapshot = ConceptSet.load(tmp_path / kept[-1])
     assert snapshot.training["steps_done"] == 6 and result.concept_set.training["steps_done"] == 8
     assert not torch.equal(snapshot.embeddings, result.concept_set.embeddings)

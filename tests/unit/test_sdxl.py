@@ -182,3 +182,19 @@ def test_sdxl_kinds_the_method_does_not_fit_are_refused(damage, expected, xl_dir
     damage(folder)
     with pytest.raises(AttenCraftError, match=expected):
         load_components(folder)
+
+
+@pytest.mark.parametrize("widths,expected", [("[32, 60]", "do not add up to the embeddings' size 96"),
+                                             ("not json", "embedding_widths is not valid JSON"),
+                                             ('["a", 64]', "do not add up")])
+def test_a_damaged_embedding_widths_entry_is_one_clear_error(widths, expected, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, result = train(build_tiny_sdxl_components(seed=0), tmp_path, steps=1)
+    path = result.files["concepts"]
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "embedding_widths": widths})
+    with pytest.raises(AttenCraftError, match=expected):
+        ConceptSet.load(tmp_path / "bad.safetensors")

@@ -10,7 +10,7 @@ from .concept_file import PLACEHOLDER_RE, ConceptSet, embedding_key
 from .concept_tokens import ConceptTokens
 from .concepts import Concept, add_concept_tokens, concepts_prompt, parse_concepts
 from .demo import DemoResult, check_demo_settings, demo_prompts, run_demo
-from .devices import default_device, resolve_device, resolve_dtype
+from .devices import PRECISIONS, default_device, resolve_device, resolve_dtype
 from .encoding import decode_latents, encode_images, encode_prompts
 from .errors import AttenCraftError
 from .families import family_of
@@ -28,6 +28,7 @@ from .training import Trainer, TrainingCancelled, TrainResult
 from .validation import require_number, require_seed
 
 __all__ = [
+    "PRECISIONS",
     "PLACEHOLDER_RE", "ConceptTokens", "family_of",    "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
     "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
     "add_concept_tokens", "earlier_run_files", "is_concept_set", "is_snapshot", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",

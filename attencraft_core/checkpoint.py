@@ -20,7 +20,7 @@ from .validation import first_non_finite
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"
-FORMAT = "attencraft-checkpoint/2"
+FORMAT = "attencraft-checkpoint/3"  # 3: learned concept rows of their own, scaler state
 
 
 def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -69,6 +69,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise AttenCraftError(f"{path} is not a readable AttenCraft checkpoint ({exc}). Delete it and train "
                               "without --resume.") from exc
+    if str(metadata.get("format", "")).startswith("attencraft-checkpoint/") and metadata["format"] != FORMAT:
+        raise AttenCraftError(f"{path} was written by an earlier version of AttenCraft, whose training state this "
+                              "version cannot continue. Train again without --resume (the finished concept sets "
+                              "of that version still load).")
     if metadata.get("format") != FORMAT:
         raise AttenCraftError(f"{path} is not an AttenCraft checkpoint (format {metadata.get('format')!r}, "
                               f"expected {FORMAT!r}). Delete it and train without --resume.")

@@ -7,12 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 from .concept_file import ConceptSet
 from .concepts import parse_concepts
 from .demo import check_demo_settings, run_demo
-from .devices import resolve_device, resolve_dtype
+from .devices import PRECISIONS, resolve_device, resolve_dtype
 from .errors import AttenCraftError
 from .generation import check_settings, generate
 from .images import load_image
@@ -34,9 +33,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer/, scheduler/; SDXL also text_encoder_2/, tokenizer_2/); nothing is downloaded")
     p.add_argument("--device", default="auto",
                    help="torch device, e.g. cpu or cuda:0; auto picks the available accelerator (default auto)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="precision on an accelerator (weights for masks/generate, autocast for train); the CPU "
-                        "always uses fp32 (default fp32)")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="dtype of the model's frozen weights on an accelerator (auto: bf16 where supported); "
+                        "trained weights are always float32, and the CPU always uses fp32 (default auto)")
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -52,11 +51,10 @@ def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines; results and errors only")
 
 
-def _load(args, progress, train: bool = False):
-    """Load --model on --device; training keeps fp32 master weights (--precision then sets autocast)."""
+def _load(args, progress):
+    """Load --model on --device, its frozen weights in the dtype --precision names."""
     device = resolve_device(args.device)
-    dtype = torch.float32 if train else resolve_dtype(args.precision, device)
-    return load_components(args.model, device, dtype, progress=progress)
+    return load_components(args.model, device, resolve_dtype(args.precision, device), progress=progress)
 
 
 def cmd_masks(args) -> int:
@@ -107,12 +105,11 @@ def cmd_train(args) -> int:
     image, notes = load_image(args.image)
     user_masks = [load_image(p, min_side=1)[0].convert("L") for p in mask_paths(args.masks)] if args.masks else None
     class_imgs = [load_image(p)[0] for p in class_image_files(args.class_images)] if args.class_images else None
-    opts = from_arguments(TrainOptions, args, precision=args.precision,
-                          masks=from_arguments(MaskOptions, args, prefix="mask_"))
+    opts = from_arguments(TrainOptions, args, masks=from_arguments(MaskOptions, args, prefix="mask_"))
     opts.check()
     out = ensure_out_dir(args.out)
     with ProgressBars(args.quiet) as bars:
-        comps = _load(args, bars, train=True)
+        comps = _load(args, bars)
         for note in notes:
             bars.log(f"note: {note}")
         trainer = Trainer(comps, image, concepts, out, opts, user_masks=user_masks, class_images=class_imgs,
@@ -152,7 +149,7 @@ def cmd_demo(args) -> int:
     with ProgressBars(args.quiet) as bars:
         for note in notes:
             bars.log(f"note: {note}")
-        comps = _load(args, bars, train=True)
+        comps = _load(args, bars)
         result = run_demo(args.out, comps, image, args.concepts, opts, images_per_prompt=args.images,
                           seed=args.seed, log=bars.log, progress=bars)
     print(f"contact sheet: {Path(args.out) / 'contact_sheet.png'}; report: {Path(args.out) / 'report.json'} "

@@ -49,16 +49,29 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def supports_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 (an accelerator that says so; the CPU is never used in half)."""
+    module = getattr(torch, device.type, None)
+    check = getattr(module, "is_bf16_supported", None)
+    return device.type != "cpu" and (check() if check is not None else True)
+
+
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Map "fp32"/"bf16"/"fp16" to a dtype; half precision is refused on the CPU (fp32 there)."""
+    """The dtype of the frozen weights for a precision name: "auto" (the default) is bf16 on an accelerator that
+    has it, else fp32; "fp32", "bf16", "fp16" as named. Half precision is never used on the CPU (fp32 there)."""
     if isinstance(name, torch.dtype):
         dtype = name
     else:
-        table = {None: torch.float32, "fp32": torch.float32, "float32": torch.float32,
+        table = {"fp32": torch.float32, "float32": torch.float32,
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}
+        if name in (None, "auto"):
+            return torch.bfloat16 if supports_bf16(device) else torch.float32
         if name not in table:
-            raise AttenCraftError(f"Unknown precision {name!r}: use fp32, bf16 or fp16.")
+            raise AttenCraftError(f"Unknown precision {name!r}: use auto, fp32, bf16 or fp16.")
         dtype = table[name]
     if device.type == "cpu" and dtype != torch.float32:
         return torch.float32

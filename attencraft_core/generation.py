@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .concepts import tokenize_prompt
+from .encoding import decode_latents
 from .families import family_of
 from .images import load_image
 from .model_loading import SDComponents
@@ -43,7 +44,8 @@ def check_settings(count: int, seed: int, steps: int, cfg: float, resolution: in
 def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int = 30, cfg: float = 7.5,
              negative_prompt: str = "", resolution: int | None = None,
              progress: Progress = no_progress) -> list[Image.Image]:
-    """One image per prompt; image i uses seed + i, so results do not depend on batch composition.
+    """One image per prompt; image i uses seed + i, so results do not depend on batch composition. The pipeline
+    samples latents in the UNet's dtype; the (float32) VAE decodes them.
     `progress` is told ("generating", sampling steps done, len(prompts) x steps)."""
     check_settings(len(prompts), seed, steps, cfg, resolution)
     for prompt in prompts:
@@ -61,9 +63,10 @@ def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int 
             generator = torch.Generator("cpu").manual_seed(seed + i)
             latents = torch.randn((1, comps.unet.config.in_channels, size // comps.vae_scale_factor,
                                    size // comps.vae_scale_factor), generator=generator)
-            images += pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
-                           height=size, width=size, latents=latents.to(comps.device, comps.dtype),
-                           callback_on_step_end=step_done).images
+            result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
+                          height=size, width=size, latents=latents.to(comps.device, comps.dtype),
+                          callback_on_step_end=step_done, output_type="latent").images
+            images += pipe.image_processor.postprocess(decode_latents(comps, result), output_type="pil")
     return images
 
 

@@ -69,9 +69,11 @@ class SDComponents:
         return next(self.unet.parameters()).dtype
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "SDComponents":
+        """Move every module to `device`; the UNet and text towers also to `dtype`. The VAE stays float32 (it is
+        small, runs once per image, and SDXL's overflows in fp16)."""
         for module in (self.unet, self.vae, *self.text_modules):
             module.to(device)
-            if dtype is not None and next(module.parameters()).dtype != dtype:
+            if dtype is not None and module is not self.vae and next(module.parameters()).dtype != dtype:
                 module.to(dtype)
         return self
 
@@ -90,6 +92,13 @@ def check_model_dir(model_dir: str | Path) -> Path:
     """Check that `model_dir` looks like a local diffusers SD 1.x/2.x or SDXL folder, with a readable error if
     not (SD3, Flux, the SDXL refiner, EDM-type models such as Playground 2.5 and video models are refused)."""
     root = Path(model_dir).expanduser()
+    if root.is_file() and root.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+        raise AttenCraftError(
+            f"{root} is a single-file checkpoint; the command line reads diffusers folders (diffusers' single-file "
+            "loader fetches the model's config from the Hugging Face hub, which is never contacted). Convert it once "
+            "with diffusers (StableDiffusionXLPipeline.from_single_file(...).save_pretrained(folder), or "
+            "StableDiffusionPipeline for SD 1.x/2.x) on a machine with the config, or use the ComfyUI nodes, which "
+            "take it from Load Checkpoint.")
     if not root.is_dir():
         raise AttenCraftError(
             f"Model folder {str(root)!r} does not exist. Pass a local diffusers folder "
@@ -177,7 +186,7 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
     loaders = {
         "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True),
         "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, local_files_only=True, dtype=dtype),
-        "vae": lambda p: AutoencoderKL.from_pretrained(p, local_files_only=True, torch_dtype=dtype),
+        "vae": lambda p: AutoencoderKL.from_pretrained(p, local_files_only=True, torch_dtype=torch.float32),
         "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype),
         "scheduler": lambda p: DDPMScheduler.from_pretrained(p, local_files_only=True),
     }

@@ -87,9 +87,8 @@ class TrainOptions:
                                      "(Break-A-Scene)")
     phase1_steps: int = setting(100, "steps of phase 1 with two phases", low=1)
     phase1_lr: float = setting(5e-4, "phase-1 learning rate", low=0, high=1, low_open=True)
-    precision: str = setting("fp32", "autocast on an accelerator (the CPU always trains in fp32)",
-                             choices=("fp32", "bf16", "fp16"), cli=False)
-    gradient_checkpointing: bool = setting(False, "trade compute for memory")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: much less memory, "
+                                                   "about a third more time per step")
     resolution: int | None = setting(None, "square side in px the image is resized to (default: the model's "
                                            "own)", low=8, high=8192, multiple_of=8)
     masks: MaskOptions = field(default_factory=MaskOptions)

@@ -117,38 +117,38 @@ def prepare_inputs(comps: SDComponents, image: Image.Image, concepts: list[Conce
 
 @dataclass
 class Trainables:
-    """What training changes: the placeholder rows of each text tower's token-embedding table (a gradient hook
-    keeps every other row fixed) and the LoRA, with their optimizer. `release` undoes the training state."""
+    """What training changes: float32 copies of the concept rows of each text tower (see ConceptTokens.learn)
+    and the LoRA (float32 over frozen weights of any dtype), with their optimizer and, for fp16 weights, a
+    gradient scaler. `release` undoes the training state and writes the rows into the towers."""
 
+    tokens: ConceptTokens
     embeddings: list[torch.nn.Parameter]
     lora: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
-    hooks: list[torch.utils.hooks.RemovableHandle]
+    scaler: torch.amp.GradScaler
 
     def release(self, unet) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        for p in self.embeddings + self.lora:
+        self.tokens.stop_learning()
+        for p in self.lora:
             p.requires_grad_(False)
         unet.eval()
 
 
 def attach_trainables(comps: SDComponents, tokens: ConceptTokens, opts: TrainOptions) -> Trainables:
-    """Seeded LoRA on the UNet's target layers, trainable placeholder rows, and AdamW (weight decay on LoRA only)."""
+    """Seeded LoRA on the UNet's target layers, learned concept rows, and AdamW (weight decay on LoRA only)."""
+    from diffusers.training_utils import cast_training_params  # on use (see lora.py)
+
     add_lora(comps.unet, opts.rank, opts.alpha, opts.targets, seed=opts.seed)
+    cast_training_params(comps.unet, torch.float32)  # PEFT gives the adapter the base layer's dtype
     if opts.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
         comps.unet.train()
-    hooks = []
-    for table, ids in zip(tokens.tables, tokens.ids):
-        table.requires_grad_(True)
-        keep = torch.zeros(table.shape[0], 1, dtype=torch.bool, device=table.device)
-        keep[ids] = True
-        hooks.append(table.register_hook(lambda grad, keep=keep: grad * keep))  # only placeholder rows learn
+    embeddings = tokens.learn()
     lora = lora_parameters(comps.unet)
     optimizer = torch.optim.AdamW([{"params": lora, "weight_decay": opts.weight_decay, "name": "lora"},
-                                   {"params": list(tokens.tables), "weight_decay": 0.0, "name": "embeddings"}])
-    return Trainables(list(tokens.tables), lora, optimizer, hooks)
+                                   {"params": embeddings, "weight_decay": 0.0, "name": "embeddings"}])
+    scaler = torch.amp.GradScaler(comps.device.type, enabled=comps.dtype == torch.float16)
+    return Trainables(tokens, embeddings, lora, optimizer, scaler)
 
 
 class Trainer:
@@ -181,7 +181,8 @@ class Trainer:
         self.sampler.set_scores(self.scores)
         self._event(f"masks ready; sampling ratios {self.sampler.ratios()}")
         # what a checkpoint must match to continue this run (computed before any weight is trained)
-        self.identity = {"model": model_fingerprint(comps), "image": image_fingerprint(image),
+        self.identity = {"model": model_fingerprint(comps), "dtype": str(comps.dtype).removeprefix("torch."),
+                         "image": image_fingerprint(image),
                          "masks": hashlib.sha256(self.masks.cpu().numpy().tobytes()).hexdigest()[:16]}
         self.trainables = attach_trainables(comps, self.tokens, self.opts)
         self.lora, self.optimizer = self.trainables.lora, self.trainables.optimizer
@@ -209,11 +210,6 @@ class Trainer:
             return latents
         return noise
 
-    def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.opts.precision)
-        enabled = dtype is not None and self.device.type != "cpu"
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=enabled)
-
     # ---- one step --------------------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
         o, comps = self.opts, self.comps
@@ -234,8 +230,7 @@ class Trainer:
         store = AttentionStore(rows=[0])
         # the recording processors stay installed through backward: gradient checkpointing reruns them
         with capture_attention(comps.unet, store, o.masks.cross_factor, None, detach_sot=True):
-            with self._autocast():
-                pred = comps.unet(noisy, t, **cond).sample
+            pred = comps.unet(noisy, t, **cond).sample
             target = self._target(latents, noise, t)
 
             latent_mask = self.loss_mask(chosen, latents.shape[-2:]).to(self.device)
@@ -255,9 +250,12 @@ class Trainer:
             if not torch.isfinite(total):
                 raise AttenCraftError(f"The loss became {float(total)} at step {step + 1}: lower the learning rate "
                                       "(--lr) or use fp32. The last checkpoint is kept.")
-            total.backward()
+            scaler = self.trainables.scaler
+            scaler.scale(total).backward()
+        scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.lora + self.trainables.embeddings, o.max_grad_norm)
-        self.optimizer.step()
+        scaler.step(self.optimizer)
+        scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         finite = [torch.isfinite(p).all() for p in self.lora] + [self.tokens.all_finite()]
         if not torch.stack(finite).all():  # one host sync per step
@@ -327,7 +325,7 @@ class Trainer:
                    "masks": self.masks.to(torch.uint8), "scores": self.scores.float(),
                    "generator": self.generator.get_state(), **optimizer_tensors}
         info = {"step": step, "sampler": self.sampler.state(), "history": self.history, "events": self.events,
-                "optimizer": optimizer_info, **self._signature()}
+                "optimizer": optimizer_info, "scaler": self.trainables.scaler.state_dict(), **self._signature()}
         return save_checkpoint(self.out / CHECKPOINT, tensors, info)
 
     def resume(self) -> int:
@@ -361,6 +359,8 @@ class Trainer:
             copy_lora_weights(self.comps.unet, lora)
             self.tokens.set_rows(embeddings)
             self.optimizer.load_state_dict(optimizer_from_flat(tensors, info["optimizer"]))
+            if info["scaler"]:
+                self.trainables.scaler.load_state_dict(info["scaler"])
             self.generator.set_state(tensors["generator"])
             self.sampler.load_state(info["sampler"])
             self.masks, self.scores = masks, tensors["scores"]

@@ -13,10 +13,11 @@ def test_half_precision_is_never_used_on_the_cpu():
     assert resolve_dtype("fp16", cpu) == torch.float32
     assert resolve_dtype(torch.bfloat16, cpu) == torch.float32
     assert resolve_dtype(None, cpu) == torch.float32
+    assert resolve_dtype("auto", cpu) == torch.float32
 
 
 def test_unknown_precision_names_the_accepted_ones():
-    with pytest.raises(AttenCraftError, match="fp32, bf16 or fp16"):
+    with pytest.raises(AttenCraftError, match="auto, fp32, bf16 or fp16"):
         resolve_dtype("fp8", torch.device("cpu"))
 
 

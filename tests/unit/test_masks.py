@@ -133,6 +133,10 @@ def test_unreadable_missing_and_small_images(tmp_path):
 def test_model_folder_errors(tiny_model_dir, tmp_path):
     with pytest.raises(AttenCraftError, match="does not exist"):
         load_components(tmp_path / "missing")
+    single = tmp_path / "sd_xl_base_1.0.safetensors"
+    single.write_bytes(b"{}")
+    with pytest.raises(AttenCraftError, match="single-file checkpoint.*save_pretrained.*Load Checkpoint"):
+        load_components(single)
     partial = tmp_path / "partial"
     shutil.copytree(tiny_model_dir, partial)
     shutil.rmtree(partial / "vae")

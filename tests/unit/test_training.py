@@ -50,9 +50,10 @@ def make_trainer(comps, out, n=2, callback=None, masks="user", **options):
                    class_images=class_imgs(), callback=callback, log=lambda line: None)
 
 
-def trained_state(comps, token_ids):
+def trained_state(comps, trainer):
+    """The trainer's LoRA weights and concept rows now (mid-run too)."""
     lora = {n: p.detach().clone() for n, p in comps.unet.named_parameters() if "lora_" in n}
-    return lora, comps.text_encoder.get_input_embeddings().weight.detach()[token_ids].clone()
+    return lora, trainer.tokens.rows()
 
 
 def test_training_changes_every_lora_weight_and_every_concept_embedding_and_nothing_else(tiny, tmp_path):
@@ -97,17 +98,47 @@ def test_inputs_are_prepared_on_their_own(tiny):
     assert no_prior.class_latents is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_frozen_weights_train_float32_lora_and_rows(tiny, tmp_path, dtype):
+    """The GPU memory path, exercised on the CPU: UNet and text towers frozen in half precision (as a GPU run
+    loads them), LoRA and concept rows learned in float32, the VAE float32, the result resumable."""
+    tiny.to(tiny.device, dtype)
+    assert tiny.unet.conv_in.weight.dtype == dtype and tiny.vae.decoder.conv_out.weight.dtype == torch.float32
+    frozen = tiny.unet.conv_in.weight.detach().clone()
+    trainer = make_trainer(tiny, tmp_path, keep_checkpoint=True)
+    rows_before = trainer.tokens.rows()
+    assert all(p.dtype == torch.float32 for p in trainer.lora + trainer.trainables.embeddings)
+    assert trainer.trainables.scaler.is_enabled() == (dtype == torch.float16)  # fp16 gradients are loss-scaled
+    result = trainer.run("half")
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+    assert not torch.equal(result.concept_set.embeddings, rows_before)
+    assert any(v.abs().sum() > 0 for k, v in result.concept_set.lora.items() if "lora_B" in k)
+    assert torch.equal(tiny.unet.conv_in.weight, frozen) and tiny.unet.conv_in.weight.dtype == dtype
+    assert tiny.text_encoder.get_input_embeddings().weight.dtype == dtype
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors")[1]["dtype"] == str(dtype).removeprefix("torch.")
+
+
 def test_trainables_attach_and_release(tiny):
     tokens = ConceptTokens.add(tiny, parse_concepts("cat, dog"))
     token_ids = tokens.ids[0]
+    table = tiny.text_encoder.get_input_embeddings().weight
+    before = table.detach().clone()
     trainables = attach_trainables(tiny, tokens, TrainOptions(rank=2))
-    (table,) = trainables.embeddings
-    assert trainables.lora and all(p.requires_grad for p in trainables.lora) and table.requires_grad
-    table.sum().backward()  # the hook keeps every row but the placeholders'
-    grad = table.grad
-    assert grad[token_ids].abs().sum() > 0 and grad.abs().sum() == grad[token_ids].abs().sum()
+    (rows,) = trainables.embeddings
+    assert rows.shape == (2, table.shape[1]) and rows.dtype == torch.float32 and rows.requires_grad
+    assert trainables.lora and all(p.requires_grad and p.dtype == torch.float32 for p in trainables.lora)
+    assert not table.requires_grad  # the vocabulary stays frozen; only the concept rows learn
+    with torch.no_grad():
+        rows[1] += 1.0
+    ids = torch.tensor([[token_ids[0], token_ids[1], 5]])
+    seen = tiny.text_encoder.get_input_embeddings()(ids)  # the tower reads the learned rows
+    assert torch.equal(seen[0, 1], rows[1].detach()) and torch.equal(seen[0, 2], table[5])
+    seen.sum().backward()
+    assert rows.grad is not None and table.grad is None
     trainables.release(tiny.unet)
-    assert not table.requires_grad and not any(p.requires_grad for p in trainables.lora)
+    assert torch.equal(table[token_ids[1]], before[token_ids[1]] + 1.0)  # written back on release
+    assert torch.equal(tiny.text_encoder.get_input_embeddings()(ids)[0, 1], table[token_ids[1]])  # no hook left
+    assert not any(p.requires_grad for p in trainables.lora)
     assert not tiny.unet.training
 
 
@@ -189,7 +220,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     full = build_tiny_components(seed=0)
     reference = make_trainer(full, tmp_path / "a", steps=6, checkpoint_every=3)
     reference.run("r")
-    expected = trained_state(full, reference.token_ids)
+    expected = trained_state(full, reference)
 
     def stop_at_3(step, steps, record, ratios):
         if step == 3:
@@ -202,7 +233,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     resumed = make_trainer(second, tmp_path / "b", steps=6, checkpoint_every=3)
     assert resumed.resume() == 3
     result = resumed.run("r")
-    got = trained_state(second, resumed.token_ids)
+    got = trained_state(second, resumed)
     for name in expected[0]:
         torch.testing.assert_close(got[0][name], expected[0][name], atol=0, rtol=0)
     torch.testing.assert_close(got[1], expected[1], atol=0, rtol=0)
@@ -372,14 +403,14 @@ def test_a_later_checkpoint_removes_what_a_killed_write_left(tmp_path):
 
 def test_two_phase_trains_embeddings_first(tiny, tmp_path):
     trainer = make_trainer(tiny, tmp_path, steps=3, two_phase=True, phase1_steps=2)
-    lora_before, emb_before = trained_state(tiny, trainer.token_ids)
+    lora_before, emb_before = trained_state(tiny, trainer)
     for step in range(2):
         trainer.step(step)
-    lora_mid, emb_mid = trained_state(tiny, trainer.token_ids)
+    lora_mid, emb_mid = trained_state(tiny, trainer)
     assert all(torch.equal(lora_mid[k], lora_before[k]) for k in lora_before)
     assert not torch.equal(emb_mid, emb_before)
     trainer.step(2)
-    lora_after, _ = trained_state(tiny, trainer.token_ids)
+    lora_after, _ = trained_state(tiny, trainer)
     assert any(not torch.equal(lora_after[k], lora_mid[k]) for k in lora_mid)
 
 
@@ -586,8 +617,8 @@ def test_previews_show_every_concept_and_leave_training_unchanged(tmp_path):
     assert [p.name for p in sheets] == ["r_preview_000002.png", "r_preview_000004.png"]
     width, height = seen[0][1]
     assert height > 2 * width - 40  # one labelled row per concept
-    for name, value in trained_state(plain, reference.token_ids)[0].items():
-        torch.testing.assert_close(trained_state(comps, trainer.token_ids)[0][name], value, atol=0, rtol=0)
+    for name, value in trained_state(plain, reference)[0].items():
+        torch.testing.assert_close(trained_state(comps, trainer)[0][name], value, atol=0, rtol=0)
 
 
 def test_a_replaced_run_takes_its_snapshots_and_previews_with_it(tmp_path):
@@ -604,5 +635,5 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     a.run("r")
     b = make_trainer(checkpointed, tmp_path / "b", steps=3, refresh_every=2, gradient_checkpointing=True)
     b.run("r")
-    for name, value in trained_state(plain, a.token_ids)[0].items():
-        torch.testing.assert_close(trained_state(checkpointed, b.token_ids)[0][name], value, atol=1e-6, rtol=1e-5)
+    for name, value in trained_state(plain, a)[0].items():
+        torch.testing.assert_close(trained_state(checkpointed, b)[0][name], value, atol=1e-6, rtol=1e-5)

@@ -20,7 +20,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from PIL import Image
 from server import PromptServer
 
-from ..attencraft_core.api import (ConceptSet, MaskOptions, Trainer, TrainOptions, is_concept_set, is_snapshot,
+from ..attencraft_core.api import (PRECISIONS, ConceptSet, MaskOptions, Trainer, TrainOptions, is_concept_set, is_snapshot,
                                    settings_of, to_kohya, value_type)
 from .bridge import components_from_comfy
 from .comfy_progress import ComfyProgress
@@ -203,6 +203,11 @@ class TrainLoRA(io.ComfyNode):
                 io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Replace an earlier set of this name. Off: a name in use is an error."),
                 _setting_input(TrainOptions, "keep_checkpoint", optional=True),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
+                               tooltip="Dtype of the model's frozen weights while training on a GPU (auto: bf16 "
+                                       "where the GPU has it, else fp32). The LoRA and concept embeddings always "
+                                       "learn in fp32; the CPU always uses fp32."),
+                _setting_input(TrainOptions, "gradient_checkpointing", optional=True),
             ],
             outputs=[
                 ConceptSetType.Output(display_name="concept_set", tooltip="The trained concepts, for Apply Concepts."),
@@ -217,7 +222,7 @@ class TrainLoRA(io.ComfyNode):
     def execute(cls, model, clip, vae, image, steps, learning_rate, rank, sampling_policy, seed, name,
                 concepts=None, masks=None, concept_words="", prior_images=None, loss_mask_margin=0,
                 preview_every=100, save_every=0, keep_last=3, resume=False, overwrite=False,
-                keep_checkpoint=False) -> io.NodeOutput:
+                keep_checkpoint=False, precision="auto", gradient_checkpointing=False) -> io.NodeOutput:
         _require_dependencies()
         name = check_name(name)
         sets_dir = _register_folder()
@@ -225,7 +230,7 @@ class TrainLoRA(io.ComfyNode):
         opts = TrainOptions(steps=steps, lr=learning_rate, rank=rank, policy=sampling_policy, seed=seed,
                             loss_mask_margin=loss_mask_margin, checkpoint_every=max(1, min(100, steps // 10)),
                             preview_every=preview_every, save_every=save_every, keep_last=keep_last,
-                            keep_checkpoint=keep_checkpoint)
+                            keep_checkpoint=keep_checkpoint, gradient_checkpointing=gradient_checkpointing)
         log = lambda line: logging.info("AttenCraft: %s", line)  # noqa: E731
         for note in notes:
             log(note)
@@ -236,7 +241,7 @@ class TrainLoRA(io.ComfyNode):
             paths = comfy_file_paths(name, folder_paths.get_folder_paths("loras")[0], sets_dir)
             pil, _ = image_from_comfy(image.clone())
             priors = images_from_comfy(prior_images.clone() if prior_images is not None else None)
-            comps = components_from_comfy(model, clip, vae, progress)
+            comps = components_from_comfy(model, clip, vae, progress, precision)
             trainer = Trainer(comps, pil, concept_list, os.path.join(sets_dir, f"{name}_run"), opts,
                               user_masks=user_masks, class_images=priors,
                               cache_dir=os.path.join(sets_dir, "class_images"), log=log, progress=progress,

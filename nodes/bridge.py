@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from ..attencraft_core.api import AttenCraftError, Progress, SDComponents, no_progress, sd_noise_scheduler
+from ..attencraft_core.api import (AttenCraftError, Progress, SDComponents, no_progress, resolve_dtype,
+                                   sd_noise_scheduler)
 
 
 SUPPORTED = "SD 1.x, SD 2.x and SDXL (base and its fine-tunes)"
@@ -68,8 +69,10 @@ def unet_config_to_diffusers(unet_config: dict, sample_size: int = 64) -> dict:
     return config
 
 
-def unet_from_comfy(model, device: torch.device) -> "torch.nn.Module":
-    """A diffusers UNet with the MODEL's base weights (fp32 clones); LoRA patches on the MODEL are not baked in."""
+def unet_from_comfy(model, device: torch.device, dtype: torch.dtype = torch.float32) -> "torch.nn.Module":
+    """A diffusers UNet with the MODEL's base weights, copied straight onto `device` in `dtype` (the module is
+    built without weights of its own first, so no second full copy exists); LoRA patches on the MODEL are not
+    baked in."""
     import comfy.utils
     from diffusers import UNet2DConditionModel
 
@@ -86,16 +89,16 @@ def unet_from_comfy(model, device: torch.device) -> "torch.nn.Module":
     comfy_sd = base.diffusion_model.state_dict()
     mapping = comfy.utils.unet_to_diffusers(unet_config)
     with torch.inference_mode(False):
-        unet = UNet2DConditionModel(**config)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**config)
         target = unet.state_dict()
-        state = {k: comfy_sd[v].detach().to(device="cpu", dtype=torch.float32).clone()
-                 for k, v in mapping.items() if v in comfy_sd and k in target}
-        missing = sorted(set(target) - set(state))
+        missing = sorted(k for k in target if mapping.get(k) not in comfy_sd)
         if missing:
             raise AttenCraftError(f"Could not map {len(missing)} UNet weights from ComfyUI (e.g. {missing[0]}); "
                                   "this checkpoint layout is not supported.")
-        unet.load_state_dict(state)
-        unet.to(device).requires_grad_(False).eval()
+        state = {k: comfy_sd[mapping[k]].detach().to(device=device, dtype=dtype, copy=True) for k in target}
+        unet.load_state_dict(state, assign=True)
+        unet.requires_grad_(False).eval()
     return unet, ("v_prediction" if v_pred else "epsilon")
 
 
@@ -109,8 +112,9 @@ def _tokenizer(comfy_dir: str, pad: str | None = None):
     return tokenizer
 
 
-def _tower(sd: dict, prefix: str, config_path: str, drop_last_layer: bool = False, projection: bool = False):
-    """One CLIP text tower from the CLIP's state dict (keys under `prefix`), as a transformers model."""
+def _tower(sd: dict, prefix: str, config_path: str, dtype: torch.dtype, drop_last_layer: bool = False,
+           projection: bool = False):
+    """One CLIP text tower from the CLIP's state dict (keys under `prefix`), as a transformers model in `dtype`."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = json.loads(open(config_path).read())
@@ -118,7 +122,7 @@ def _tower(sd: dict, prefix: str, config_path: str, drop_last_layer: bool = Fals
         config["num_hidden_layers"] -= 1  # SD 2.x uses the penultimate layer, then the final layer norm
     with torch.inference_mode(False):
         cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-        model = cls(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
+        model = cls(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})).to(dtype)
         # ComfyUI keeps HF's "text_model." prefix; transformers 5 dropped it from CLIPTextModel's own keys.
         inner = "" if "text_model.embeddings.token_embedding.weight" in model.state_dict() else "text_model."
         head = f"{prefix}transformer."
@@ -126,7 +130,7 @@ def _tower(sd: dict, prefix: str, config_path: str, drop_last_layer: bool = Fals
                  if k.startswith(head + inner) and "text_projection" not in k}
         if projection:
             state["text_projection.weight"] = sd[f"{head}text_projection.weight"]
-        state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+        state = {k: v.detach().to("cpu", dtype, copy=True) for k, v in state.items()}
         result = model.load_state_dict(state, strict=False)
         needed = [k for k in result.missing_keys if "position_ids" not in k]
         if needed:
@@ -134,7 +138,8 @@ def _tower(sd: dict, prefix: str, config_path: str, drop_last_layer: bool = Fals
     return model
 
 
-def text_encoder_from_comfy(clip, device: torch.device) -> list[tuple["torch.nn.Module", object]]:
+def text_encoder_from_comfy(clip, device: torch.device,
+                            dtype: torch.dtype = torch.float32) -> list[tuple["torch.nn.Module", object]]:
     """(text encoder, tokenizer) per tower, equal to the CLIP's: SD 1.x clip_l; SD 2.x clip_h (penultimate layer
     + final norm); SDXL clip_l and clip_g (with its projection; the family reads their penultimate layers)."""
     import comfy.sd1_clip
@@ -146,13 +151,15 @@ def text_encoder_from_comfy(clip, device: torch.device) -> list[tuple["torch.nn.
     if any(k.startswith("t5xxl.") for k in sd) or not (has["clip_l"] or has["clip_h"]):
         raise AttenCraftError(f"This CLIP is not the text encoder of an {SUPPORTED} checkpoint.")
     if has["clip_g"]:
-        towers = [(_tower(sd, "clip_l.", os.path.join(comfy_dir, "sd1_clip_config.json")), _tokenizer(comfy_dir)),
-                  (_tower(sd, "clip_g.", os.path.join(comfy_dir, "clip_config_bigg.json"), projection=True),
+        towers = [(_tower(sd, "clip_l.", os.path.join(comfy_dir, "sd1_clip_config.json"), dtype),
+                   _tokenizer(comfy_dir)),
+                  (_tower(sd, "clip_g.", os.path.join(comfy_dir, "clip_config_bigg.json"), dtype, projection=True),
                    _tokenizer(comfy_dir, pad="!"))]
     elif has["clip_l"]:
-        towers = [(_tower(sd, "clip_l.", os.path.join(comfy_dir, "sd1_clip_config.json")), _tokenizer(comfy_dir))]
+        towers = [(_tower(sd, "clip_l.", os.path.join(comfy_dir, "sd1_clip_config.json"), dtype),
+                   _tokenizer(comfy_dir))]
     else:
-        towers = [(_tower(sd, "clip_h.", os.path.join(comfy_dir, "text_encoders", "sd2_clip_config.json"),
+        towers = [(_tower(sd, "clip_h.", os.path.join(comfy_dir, "text_encoders", "sd2_clip_config.json"), dtype,
                           drop_last_layer=True), _tokenizer(comfy_dir, pad="!"))]
     for model, _ in towers:
         model.to(device).requires_grad_(False).eval()
@@ -182,18 +189,21 @@ def vae_from_comfy(vae, scale_factor: float, device: torch.device):
     return model
 
 
-def components_from_comfy(model, clip, vae, progress: Progress = no_progress):
-    """The core's SDComponents from ComfyUI objects, on ComfyUI's torch device, fp32, free of inference mode.
-    `progress` is told ("converting the model", parts done, 3)."""
+def components_from_comfy(model, clip, vae, progress: Progress = no_progress, precision: str = "auto"):
+    """The core's SDComponents from ComfyUI objects, on ComfyUI's torch device, free of inference mode; UNet and
+    text towers in the dtype `precision` names there (auto: bf16 on a GPU that has it, fp32 on the CPU), the VAE
+    float32. ComfyUI's own copies leave the device first. `progress` is told ("converting the model", parts
+    done, 3)."""
     import comfy.model_management as mm
 
     progress("converting the model", 0, 3)
     mm.unload_all_models()  # ComfyUI's copies leave the device; patches are restored before we read weights
     mm.soft_empty_cache()
     device = mm.get_torch_device()
-    unet, prediction = unet_from_comfy(model, device)
+    dtype = resolve_dtype(precision, device)
+    unet, prediction = unet_from_comfy(model, device, dtype)
     progress("converting the model", 1, 3)
-    towers = text_encoder_from_comfy(clip, device)
+    towers = text_encoder_from_comfy(clip, device, dtype)
     progress("converting the model", 2, 3)
     width = sum(encoder.config.hidden_size for encoder, _ in towers)
     if unet.config.cross_attention_dim != width or (len(towers) == 2) != bool(unet.config.addition_embed_type):

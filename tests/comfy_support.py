@@ -90,6 +90,69 @@ def build_sd15_checkpoint(path: Path, seed: int = 0, family: str = "sd1") -> Pat
     return path
 
 
+# SDXL base 1.0's layout (transformer depths 2 and 10, 64-channel heads, 2048-d context, size conditioning) at
+# 320 channels on every level: ComfyUI's model detection reads it as SDXL (it matches on the depths, not the
+# channel multipliers), at a tenth of the UNet's parameters.
+SDXL_LAYOUT = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+               "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+               "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+               "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "channel_mult": [1, 1, 1],
+               "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
+               "num_head_channels": 64, "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+def test_cache() -> Path:
+    """Where generated test checkpoints are kept between runs (outside the repository)."""
+    return Path(os.environ.get("ATTENCRAFT_TEST_CACHE", Path.home() / ".cache" / "attencraft-tests"))
+
+
+def build_sdxl_checkpoint(path: Path | None = None, seed: int = 0) -> Path:
+    """A single-file SDXL checkpoint (SGM layout, as ComfyUI saves one) that ComfyUI's own model detection loads
+    as SDXL: the SDXL_LAYOUT UNet and full-size random CLIP-L, OpenCLIP-bigG and VAE. About 2 GB in fp16; built
+    once into test_cache() (or `path`), never committed."""
+    path = path or test_cache() / f"tiny_sdxl_{seed}.safetensors"
+    if path.is_file():
+        return path
+    add_comfy_to_path()
+    import comfy.diffusers_convert
+    import comfy.supported_models
+    import comfy.utils
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(  # initialised by diffusers, then mapped into ComfyUI's module
+        sample_size=128, block_out_channels=(320, 320, 320), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 5, 5), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)
+    diff_sd = unet.state_dict()
+    model = comfy.supported_models.SDXL(dict(SDXL_LAYOUT)).get_model({})
+    model.diffusion_model.load_state_dict(
+        {v: diff_sd[k] for k, v in comfy.utils.unet_to_diffusers(SDXL_LAYOUT).items() if k in diff_sd}, strict=True)
+    towers = {}
+    for prefix, file, cls in (("clip_l", "sd1_clip_config.json", CLIPTextModel),
+                              ("clip_g", "clip_config_bigg.json", CLIPTextModelWithProjection)):
+        cfg = json.loads((comfy_dir() / "comfy" / file).read_text())
+        text = cls(CLIPTextConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+        towers.update({f"{prefix}.transformer.{k if k.startswith(('text_model.', 'text_projection')) else 'text_model.' + k}": v
+                       for k, v in text.state_dict().items()})
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4)
+    vae_sd = comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict())
+    state = model.state_dict_for_saving(towers, vae_sd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()},
+              str(tmp))
+    tmp.replace(path)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

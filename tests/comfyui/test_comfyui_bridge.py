@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from comfy_support import add_comfy_to_path, build_sd15_checkpoint, comfy_dir, load_pack
+from comfy_support import (SDXL_LAYOUT, add_comfy_to_path, build_sd15_checkpoint, build_sdxl_checkpoint,
+                          comfy_dir, load_pack)
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")]
@@ -107,61 +108,18 @@ def test_sd2_checkpoint_bridges_exactly(tmp_path):
         torch.testing.assert_close(comps.text_encoder(ids)[0], cond.float(), atol=1e-4, rtol=1e-4)
 
 
-# A small SDXL-layout UNet (SDXL's blocks, depths 1 and 2, 64 base channels) with SDXL's full text towers and
-# VAE: built in-process, since a detectable SDXL checkpoint is too large for this machine's memory twice over.
-SMALL_SDXL = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-              "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-              "model_channels": 64, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 2, 2],
-              "transformer_depth_output": [0, 0, 0, 1, 1, 1, 2, 2, 2], "channel_mult": [1, 2, 4],
-              "transformer_depth_middle": 2, "use_linear_in_transformer": True, "context_dim": 2048,
-              "num_head_channels": 64, "use_temporal_attention": False, "use_temporal_resblock": False}
-
-
 @pytest.fixture(scope="module")
 def sdxl_objects():
-    """ComfyUI's own SDXL MODEL, CLIP (clip_l + clip_g at full size) and VAE objects with random weights."""
+    """MODEL, CLIP and VAE as ComfyUI's own checkpoint loader makes them from a single-file checkpoint that its
+    model detection reads as SDXL (SDXL base's layout at 320 channels per level, full-size text towers and VAE;
+    random weights, built once outside the repository)."""
     add_comfy_to_path()
-    import json
-
-    import comfy.diffusers_convert
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.sd
-    import comfy.supported_models
-    import comfy.utils
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 4), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816)
-    diff_sd = unet.state_dict()
-    config = comfy.supported_models.SDXL(dict(SMALL_SDXL))
-    model = config.get_model({})
-    comfy_sd = {v: diff_sd[k] for k, v in comfy.utils.unet_to_diffusers(SMALL_SDXL).items() if k in diff_sd}
-    model.diffusion_model.load_state_dict(comfy_sd, strict=True)
-    patcher = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
-
-    configs = comfy_dir() / "comfy"
-    towers = {}
-    for prefix, file, cls in (("clip_l", "sd1_clip_config.json", CLIPTextModel),
-                              ("clip_g", "clip_config_bigg.json", CLIPTextModelWithProjection)):
-        cfg = json.loads((configs / file).read_text())
-        text = cls(CLIPTextConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
-        towers.update({f"{prefix}.transformer.{k if k.startswith(('text_model.', 'text_projection')) else 'text_model.' + k}": v
-                       for k, v in text.state_dict().items()})
-    clip = comfy.sd.CLIP(config.clip_target())
-    clip.load_sd(towers, full_model=True)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        latent_channels=4)
-    comfy_vae = comfy.sd.VAE(sd=comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()))
-    return patcher, clip, comfy_vae
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(build_sdxl_checkpoint()), output_vae=True,
+                                                                output_clip=True)
+    assert type(model.model.model_config).__name__ == "SDXL"  # ComfyUI's detection, not a class we chose
+    return model, clip, vae
 
 
 def test_sdxl_bridges_exactly(sdxl_objects):
@@ -243,7 +201,7 @@ def test_sdxl_trains_in_comfyui_and_its_embeddings_load_in_the_sdxl_tokenizers(s
     prompt = fill_prompt("a photo of <c0>", cs, names)
     import comfy.supported_models
 
-    target = comfy.supported_models.SDXL(dict(SMALL_SDXL)).clip_target()  # tokenizing needs no weights
+    target = comfy.supported_models.SDXL(dict(SDXL_LAYOUT)).clip_target()  # tokenizing needs no weights
     tokens = comfy.sd.CLIP(target, embedding_directory=str(tmp_path / "embeddings")).tokenize(prompt)
     for tower, row in (("l", cs.embeddings[0][:768]), ("g", cs.embeddings[0][768:])):
         found = [t for t, _ in tokens[tower][0] if isinstance(t, torch.Tensor)]

@@ -18,13 +18,15 @@ from PIL import Image
 from safetensors import safe_open
 
 from attencraft_core.checkpoint import load_checkpoint
-from comfy_support import ROOT, ComfyServer, api_workflow, build_sd15_checkpoint, comfy_dir, find_mask_seed, load_client
+from comfy_support import (ROOT, ComfyServer, api_workflow, build_sd15_checkpoint, build_sdxl_checkpoint, comfy_dir,
+                          find_mask_seed, load_client)
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")]
 
 client = load_client()
 CKPT = "tiny_sd15.safetensors"
+SDXL_CKPT = "tiny_sdxl.safetensors"
 spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "workflows" / "build_workflows.py")
 build = sys.modules["build_workflows"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
 spec.loader.exec_module(build)
@@ -34,6 +36,7 @@ spec.loader.exec_module(build)
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     build_sd15_checkpoint(base / "models" / "checkpoints" / CKPT)
+    (base / "models" / "checkpoints" / SDXL_CKPT).symlink_to(build_sdxl_checkpoint())
     started = time.time()
     srv = ComfyServer(base)
     srv.startup_seconds = time.time() - started
@@ -191,6 +194,49 @@ def test_cancel_during_training_keeps_the_last_checkpoint(server, mask_seed):
     log = json.loads((checkpoint.parent / "cancelled_train.json").read_text())
     assert [h["step"] for h in log["history"]] == list(range(1, steps + 1))  # continued, not restarted
     assert not checkpoint.exists()
+
+
+def test_sdxl_workflows_run_on_a_checkpoint_comfyui_detects_as_sdxl(server):
+    """The bundled SDXL full pipeline, then SDXL apply-saved, through POST /prompt on a checkpoint that ComfyUI's
+    own loader detects as SDXL (small random UNet in SDXL base's layout, full-size text towers): masks, 2
+    training steps at SDXL's 1024 px, the LoRA with every key loaded, embeddings found by ComfyUI's SDXL CLIP,
+    and generation (256 px latents, 2 sampling steps)."""
+    def extract_only(seed):
+        wf = api_workflow("attencraft_sdxl_full_pipeline", SDXL_CKPT, **{"3.seed": seed, "3.threshold": 0.0})
+        return {k: v for k, v in wf.items() if k in ("1", "2", "3", "4")}
+
+    for seed in range(8):  # random attention: the first seed whose masks separate the two concepts
+        entry, _ = run(server, extract_only(seed))
+        message = client.failure_message(entry)
+        if message is None:
+            break
+        assert "Try another seed" in message or "No pixel" in message, message
+    else:
+        pytest.fail("no mask seed separated the concepts on the random SDXL checkpoint")
+    latents = {f"43.{side}": 256 for side in ("width", "height")}
+    started = time.time()
+    entry, events = run(server, api_workflow("attencraft_sdxl_full_pipeline", SDXL_CKPT, **{
+        "3.seed": seed, "3.threshold": 0.0, "5.steps": 2, "5.learning_rate": 0.01, "5.rank": 4, "5.name": "xl",
+        "5.prior_images": ["2", 0], "5.preview_every": 0, **latents}), timeout=1800)
+    seconds = time.time() - started
+    assert client.failure_message(entry) is None, client.failure_message(entry)
+    assert any("[node 5 AttenCraftTrainLoRA] 2/2" in e for e in events)
+    base = server.base / "models"
+    with safe_open(base / "attencraft" / "xl.safetensors", "pt") as f:
+        assert f.metadata()["base_family"] == "sdxl"
+    log = (server.base / "comfyui.log").read_text()
+    assert "lora key not loaded" not in log
+    prompt = shown_text(entry, "40")
+    embedding = prompt.split("embedding:")[1].split()[0]
+    with safe_open(base / "embeddings" / f"{embedding}.safetensors", "pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"]
+    c0 = image_outputs(server, entry, "53")[0]
+    assert c0.shape == (256, 256, 3) and image_outputs(server, entry, "73")[0].shape == (256, 256, 3)
+    saved, _ = run(server, api_workflow("attencraft_sdxl_apply_saved", SDXL_CKPT,
+                                        **{"7.saved_concept_set": "xl.safetensors", **latents}))
+    assert client.failure_message(saved) is None, client.failure_message(saved)
+    assert shown_text(saved, "40") == prompt and np.array_equal(image_outputs(server, saved, "53")[0], c0)
+    print(f"\nSDXL full pipeline (2 training steps at 1024 px, 3 x 2 sampling steps) took {seconds:.0f} s")
 
 
 def test_bad_inputs_are_node_errors_and_the_server_keeps_serving(server, mask_seed):

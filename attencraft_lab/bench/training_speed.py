@@ -38,6 +38,7 @@ SDXL_UNET = dict(  # SDXL base 1.0's UNet (2.6 B parameters)
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = {  # UNet config and text towers (width, layers, heads)
     "sd1": (dict(cross_attention_dim=768, attention_head_dim=8), [(768, 12, 12)]),
     "sd2": (dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
@@ -46,28 +47,37 @@ SHAPES = {  # UNet config and text towers (width, layers, heads)
 }
 
 
-def build(family: str, resolution: int) -> SDComponents:
-    """Family-shaped random components: full-size UNet and text towers, a small VAE with the SD latent layout."""
+def build(family: str, resolution: int, dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Family-shaped random components: full-size UNet and text towers created in `dtype` (no float32 copy on
+    the way, so peak RSS is that of the dtype), a small float32 VAE with the SD latent layout."""
     unet_config, towers = SHAPES[family]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=resolution // 8, **unet_config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        unet = UNet2DConditionModel(sample_size=resolution // 8, **unet_config)
+        parts = [build_tower(i, *tower) for i, tower in enumerate(towers)]
+    finally:
+        torch.set_default_dtype(default)
     vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
-    parts = []
-    for i, (dim, layers, heads) in enumerate(towers):
-        tokenizer = build_word_tokenizer()
-        if i:
-            tokenizer.pad_token = "!"
-        config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=4 * dim,
-                                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id, projection_dim=dim)
-        parts.append(((CLIPTextModelWithProjection if i else CLIPTextModel)(config), tokenizer))
     for m in (unet, vae, *(t for t, _ in parts)):
         m.requires_grad_(False).eval()
     (text, tokenizer), *second = parts
     return SDComponents(unet, vae, text, tokenizer, sd_noise_scheduler(), source=f"random-{family}",
                         text_encoder_2=second[0][0] if second else None, tokenizer_2=second[0][1] if second else None)
+
+
+def build_tower(index: int, dim: int, layers: int, heads: int):
+    """(text tower, word tokenizer): CLIP-L-like first, OpenCLIP-like (with projection, "!" padding) second."""
+    tokenizer = build_word_tokenizer()
+    if index:
+        tokenizer.pad_token = "!"
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=4 * dim,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, projection_dim=dim)
+    return (CLIPTextModelWithProjection if index else CLIPTextModel)(config), tokenizer
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -95,12 +105,12 @@ def reset_peak(device: torch.device) -> None:
         mod.reset_peak_memory_stats()
 
 
-def measure_masks(args, device: torch.device, concepts) -> None:
-    """Mask extraction vs one UNet forward (batch 1, fp32), on a model of its own."""
-    comps = build(args.family, args.resolution).to(device)
+def measure_masks(args, device: torch.device, concepts, dtype: torch.dtype) -> None:
+    """Mask extraction vs one UNet forward (batch 1), on a model of its own in `dtype`."""
+    comps = build(args.family, args.resolution, dtype).to(device)
     print(f"UNet parameters: {sum(p.numel() for p in comps.unet.parameters()) / 1e6:.0f} M")
     ConceptTokens.add(comps, concepts)
-    latents = torch.randn(1, 4, args.resolution // 8, args.resolution // 8, device=device)
+    latents = torch.randn(1, 4, args.resolution // 8, args.resolution // 8, device=device, dtype=dtype)
     emb = encode_prompts(comps, [concepts_prompt(["<c0>", "<c1>"])], latents)
     t = torch.tensor([100], device=device)
 
@@ -128,7 +138,9 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
-    ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, fp16, bf16+gc (gc = gradient checkpointing)")
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma list of fp32, bf16, fp16, bf16+gc: the frozen weights' dtype (LoRA and concept "
+                         "rows learn in fp32), gc = gradient checkpointing")
     ap.add_argument("--preview-every", type=int, default=100,
                     help="the training-preview interval whose cost is reported (0: not measured)")
     args = ap.parse_args()
@@ -141,7 +153,8 @@ def main() -> None:
     masks[0][: args.resolution // 2] = 1
     masks[1][args.resolution // 2:] = 1
     concepts = parse_concepts("cat, dog")
-    measure_masks(args, device, concepts)
+    variants = args.precisions.split(",")
+    measure_masks(args, device, concepts, DTYPES[variants[0].partition("+")[0]])
     gc.collect()  # one full model in memory at a time (SDXL's is 10 GB in fp32)
 
     print("\n| precision | AttenCraft step s | plain LoRA step s | ratio | peak device memory (AttenCraft) | "
@@ -151,8 +164,9 @@ def main() -> None:
     def measure(variant: str) -> str:
         """One row of the table; its model and optimizer are freed on return."""
         precision, _, gc = variant.partition("+")
-        comps_v = build(args.family, args.resolution).to(device)
-        opts = TrainOptions(steps=10_000, checkpoint_every=10_000, refresh_every=0, precision=precision,
+        dtype = DTYPES[precision]  # frozen weights; bf16 is measured on the CPU too (RSS), never chosen there
+        comps_v = build(args.family, args.resolution, dtype).to(device)
+        opts = TrainOptions(steps=10_000, checkpoint_every=10_000, refresh_every=0,
                             gradient_checkpointing=gc == "gc", masks=MaskOptions())
         out = Path(os.environ.get("TMPDIR", "/tmp")) / "attencraft-bench"
         trainer = Trainer(comps_v, image, concepts, out, opts, user_masks=masks, class_images=[image],
@@ -173,16 +187,14 @@ def main() -> None:
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=1e-4)
-        lat = torch.randn(2, 4, args.resolution // 8, args.resolution // 8, device=device)
+        lat = torch.randn(2, 4, args.resolution // 8, args.resolution // 8, device=device, dtype=dtype)
         with torch.no_grad():
             text = encode_prompts(comps_v, [concepts_prompt(["<c0>", "<c1>"]), opts.class_prompt], lat)
 
         def plain_step():
             noise = torch.randn_like(lat)
             ts = torch.randint(0, 1000, (2,), device=device)
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type != "cpu"):
-                pred = unet(comps_v.noise_scheduler.add_noise(lat, noise, ts), ts, **text).sample
+            pred = unet(comps_v.noise_scheduler.add_noise(lat, noise, ts), ts, **text).sample
             F.mse_loss(pred.float(), noise).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -194,7 +206,7 @@ def main() -> None:
         return f"| {variant} | {t_ac:.2f} | {t_plain:.2f} | {t_ac / t_plain:.2f} | {mem} | {rss:.1f} GiB |"
 
     previews: list[str] = []
-    for variant in args.precisions.split(","):
+    for variant in variants:
         print(measure(variant))
     if previews:
         print(f"\n| precision | one training preview s ({len(concepts)} concepts) | AttenCraft step s | every N "

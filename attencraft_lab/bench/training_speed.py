@@ -124,12 +124,20 @@ def measure_masks(args, device: torch.device, concepts, dtype: torch.dtype) -> N
         except AttenCraftError:
             pass  # random attention may not separate the concepts; the work is done by then
 
+    def above_weights(fn) -> tuple[float, str]:
+        """Median seconds of `fn`, and its peak device memory above what was allocated before it."""
+        mod = getattr(torch, device.type, None)
+        before = mod.memory_allocated() if hasattr(mod, "memory_allocated") else None
+        reset_peak(device)
+        seconds = timed(fn, args.steps, device)
+        extra = "n/a" if before is None else f"{(mod.max_memory_allocated() - before) / 2**30:.2f} GiB"
+        return seconds, extra
+
     forward()
-    t_fwd = timed(forward, args.steps, device)
-    t_mask = timed(extract, args.steps, device)
-    print("\n| measure | seconds | ratio |\n| --- | --- | --- |")
-    print(f"| one UNet forward (batch 1) | {t_fwd:.2f} | 1.00 |")
-    print(f"| mask extraction | {t_mask:.2f} | {t_mask / t_fwd:.2f} |")
+    (t_fwd, m_fwd), (t_mask, m_mask) = above_weights(forward), above_weights(extract)
+    print("\n| measure | seconds | ratio | peak device memory above the weights |\n| --- | --- | --- | --- |")
+    print(f"| one UNet forward (batch 1) | {t_fwd:.2f} | 1.00 | {m_fwd} |")
+    print(f"| mask extraction | {t_mask:.2f} | {t_mask / t_fwd:.2f} | {m_mask} |")
 
 
 def main() -> None:

@@ -151,6 +151,33 @@ def test_sdxl_bridges_exactly(sdxl_objects):
     assert (mine - theirs).abs().max() < 1e-4 * max(1.0, float(theirs.abs().max()))
 
 
+def test_the_gpu_copy_is_built_in_bf16_and_computes_what_comfyui_does(sdxl_objects):
+    """What a GPU gets (precision auto = bf16): the UNet and both text towers built straight in bf16, the same
+    function as ComfyUI's float32 modules within bf16 rounding. (Built here on the CPU, which only the bridge
+    is asked to do: the nodes never choose half precision on a CPU.)"""
+    load_pack()
+    from attencraft_pack.nodes.bridge import text_encoder_from_comfy, unet_from_comfy
+
+    model, clip, _ = sdxl_objects
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        with torch.inference_mode(False):
+            unet, _ = unet_from_comfy(model, cpu, torch.bfloat16)
+            towers = text_encoder_from_comfy(clip, cpu, torch.bfloat16)
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for m, _ in towers for p in m.parameters()} == {torch.bfloat16}
+    x, ctx, pooled, t = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 2048), torch.randn(1, 1280), torch.tensor([400])
+    with torch.no_grad():
+        y = model.model.encode_adm(pooled_output=pooled, width=256, height=256, crop_w=0, crop_h=0,
+                                   target_width=256, target_height=256)
+        theirs = model.model.diffusion_model(x, timesteps=t, context=ctx, y=y)
+        ours = unet(x.bfloat16(), t, ctx.bfloat16(), added_cond_kwargs={
+            "text_embeds": pooled.bfloat16(), "time_ids": torch.tensor([[256, 256, 0, 0, 256, 256]])}).sample
+    assert ours.dtype == torch.bfloat16
+    error = (ours.float() - theirs).norm() / theirs.norm()
+    assert error < 0.05, f"relative error {error:.3f}"
+
+
 def test_an_sdxl_lora_loads_into_comfyui_with_every_key(sdxl_objects):
     """The kohya export of a LoRA on every attention and feed-forward layer maps onto ComfyUI's SDXL key map."""
     add_comfy_to_path()

@@ -164,6 +164,19 @@ def test_the_command_line_trains_and_generates_on_an_sdxl_folder(xl_dir, scene_p
     assert (tmp_path / "gen.png").is_file()
 
 
+def test_the_command_line_masks_and_demo_run_on_an_sdxl_folder(xl_dir, scene_png, tmp_path, planted_attention):
+    planted_attention(2)
+    assert main(["masks", "--model", str(xl_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                 "--out", str(tmp_path / "masks"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "masks" / "masks.json").read_text())
+    assert [c["word"] for c in summary["concepts"]] == ["cat", "dog"]
+    assert main(["demo", "--model", str(xl_dir), "--image", str(scene_png), "--concepts", "cat,dog", "--steps", "2",
+                 "--images", "1", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["final_loss"] > 0 and (tmp_path / "demo" / "contact_sheet.png").is_file()
+    assert ConceptSet.load(tmp_path / "demo" / "run" / "demo.safetensors").family == "sdxl"
+
+
 def refiner(folder):
     shutil.rmtree(folder / "text_encoder")
     shutil.rmtree(folder / "tokenizer")

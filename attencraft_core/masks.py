@@ -15,6 +15,7 @@ from .concepts import Concept, concepts_prompt, token_positions
 from .devices import free_memory
 from .encoding import encode_images, encode_prompts
 from .errors import AttenCraftError
+from .families import family_of
 from .images import image_to_tensor
 from .model_loading import SDComponents
 from .progress import Progress, no_progress
@@ -95,7 +96,7 @@ def concept_attention(comps: SDComponents, latents: torch.Tensor, concepts: list
     noisy = comps.noise_scheduler.add_noise(latents, noise.to(latents), timesteps)
     store = AttentionStore(rows=[0])
     with torch.no_grad(), capture_attention(comps.unet, store, opts.cross_factor, opts.self_factor):
-        comps.unet(noisy, timesteps, **encode_prompts(comps, [prompt], latents)).sample
+        family_of(comps).predict(comps, noisy, timesteps, encode_prompts(comps, [prompt], latents))
         cross, self_attn = store.mean("cross")[0], store.mean("self")[0]
     aspect = latents.shape[-1] / latents.shape[-2]
     cross_hw, self_hw = map_side(cross.shape[0], aspect), map_side(self_attn.shape[0], aspect)

@@ -22,6 +22,7 @@ from .concept_tokens import ConceptTokens
 from .concepts import Concept, concepts_prompt, token_positions
 from .encoding import cat_conditioning, encode_images, encode_prompts
 from .errors import AttenCraftError
+from .families import family_of
 from .generation import class_images as make_class_images
 from .generation import generate, model_fingerprint
 from .images import contact_sheet, image_fingerprint, image_to_tensor, mask_to_image
@@ -202,14 +203,6 @@ class Trainer:
             else:
                 group["lr"] = o.phase1_lr if phase1 else (o.embedding_lr or o.lr)
 
-    def _target(self, latents, noise, t):
-        sched = self.comps.noise_scheduler
-        if sched.config.prediction_type == "v_prediction":
-            return sched.get_velocity(latents, noise, t)
-        if sched.config.prediction_type == "sample":
-            return latents
-        return noise
-
     # ---- one step --------------------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
         o, comps = self.opts, self.comps
@@ -223,16 +216,12 @@ class Trainer:
             pick = int(torch.randint(len(self.class_latents), (1,), generator=self.generator))
             latents = torch.cat([latents, self.class_latents[pick:pick + 1]])
             cond = cat_conditioning(cond, self.class_conditioning())
-        noise = torch.randn(latents.shape, generator=self.generator).to(latents)
-        t = torch.randint(0, comps.noise_scheduler.config.num_train_timesteps, (len(latents),),
-                          generator=self.generator).to(self.device)
-        noisy = comps.noise_scheduler.add_noise(latents, noise, t)
+        family = family_of(comps)
+        noisy, t, target = family.training_sample(comps, latents, self.generator)
         store = AttentionStore(rows=[0])
         # the recording processors stay installed through backward: gradient checkpointing reruns them
         with capture_attention(comps.unet, store, o.masks.cross_factor, None, detach_sot=True):
-            pred = comps.unet(noisy, t, **cond).sample
-            target = self._target(latents, noise, t)
-
+            pred = family.predict(comps, noisy, t, cond)
             latent_mask = self.loss_mask(chosen, latents.shape[-2:]).to(self.device)
             losses = {"instance": masked_diffusion_loss(pred[:1], target[:1], latent_mask if o.masked_loss else None,
                                                         o.unmasked_term)}

@@ -30,6 +30,23 @@ class StableDiffusion:
         """The key of each tower's row in a textual-inversion file."""
         return [EMBEDDING_KEYS.get(name, "emb_params")]
 
+    def training_sample(self, comps, latents: torch.Tensor, generator: torch.Generator):
+        """(noisy latents, timesteps, target) of the DDPM objective: Gaussian noise and a uniform timestep per
+        image from `generator` (CPU); the target is the noise, the velocity or the sample, as the model
+        predicts."""
+        sched = comps.noise_scheduler
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
+        noisy = sched.add_noise(latents, noise, t)
+        kind = sched.config.prediction_type
+        if kind == "v_prediction":
+            return noisy, t, sched.get_velocity(latents, noise, t)
+        return noisy, t, latents if kind == "sample" else noise
+
+    def predict(self, comps, noisy: torch.Tensor, t: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The denoiser's output for noisy latents [B, C, h, w] (the same layout)."""
+        return comps.unet(noisy, t, **conditioning).sample
+
     def conditioning(self, comps, prompts: list[str], image_hw: tuple[int, int]) -> dict:
         """The UNet's text inputs for the prompts (gradients flow when a token table trains)."""
         ids = torch.cat([tokenize_prompt(comps.tokenizer, p) for p in prompts]).to(comps.device)

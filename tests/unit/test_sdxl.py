@@ -15,6 +15,7 @@ from attencraft_core.cli import main
 from attencraft_core.concept_file import ConceptSet
 from attencraft_core.concept_tokens import ConceptTokens
 from attencraft_core.encoding import encode_prompts
+from attencraft_core.families import family_of
 from attencraft_core.generation import generate, make_pipeline
 from attencraft_core.masks import concept_attention
 from attencraft_core.model_loading import load_components
@@ -141,9 +142,11 @@ def test_resume_restores_both_towers_exactly(tmp_path):
 def test_v_prediction_sdxl_trains_against_the_velocity(tmp_path):
     comps = build_tiny_sdxl_components(prediction_type="v_prediction")
     trainer, result = train(comps, tmp_path, steps=1)
-    latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([500])
-    torch.testing.assert_close(trainer._target(latents, noise, t),
-                               comps.noise_scheduler.get_velocity(latents, noise, t))
+    latents = torch.randn(1, 4, 8, 8)
+    noisy, t, target = family_of(comps).training_sample(comps, latents, torch.Generator().manual_seed(0))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))  # the same draw
+    torch.testing.assert_close(noisy, comps.noise_scheduler.add_noise(latents, noise, t))
+    torch.testing.assert_close(target, comps.noise_scheduler.get_velocity(latents, noise, t))
     assert np.isfinite(result.history[0]["loss"])
 
 

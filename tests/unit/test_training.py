@@ -19,6 +19,7 @@ from attencraft_core.checkpoint import load_checkpoint, save_checkpoint
 from attencraft_core.cli import main
 from attencraft_core.concept_file import ConceptSet, embedding_key
 from attencraft_core.concept_tokens import ConceptTokens
+from attencraft_core.families import family_of
 from attencraft_core.generation import class_images, generate
 from attencraft_core.lora import from_kohya, lora_deltas, set_lora_strength
 from attencraft_core.outputs import atomic_write, write_json
@@ -361,8 +362,9 @@ def test_weights_that_become_nan_stop_the_run_and_keep_the_last_checkpoint(tiny,
 def test_sample_prediction_models_train_against_the_clean_latents(tmp_path):
     comps = build_tiny_components(prediction_type="sample")
     trainer = make_trainer(comps, tmp_path, steps=1)
-    latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([500])
-    assert torch.equal(trainer._target(latents, noise, t), latents)
+    latents = torch.randn(1, 4, 8, 8)
+    _, _, target = family_of(comps).training_sample(comps, latents, torch.Generator().manual_seed(0))
+    assert torch.equal(target, latents)
     assert np.isfinite(trainer.run("x0").history[0]["loss"])
 
 

@@ -34,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="torch device, e.g. cpu or cuda:0; auto picks the available accelerator (default auto)")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="dtype of the model's frozen weights on an accelerator (auto: bf16 where supported); "
+                   help="dtype of the model's frozen weights on an accelerator (auto: bf16 where supported, else fp16); "
                         "trained weights are always float32, and the CPU always uses fp32 (default auto)")
 
 

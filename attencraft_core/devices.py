@@ -61,7 +61,8 @@ def supports_bf16(device: torch.device) -> bool:
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """The dtype of the frozen weights for a precision name: "auto" (the default) is bf16 on an accelerator that
-    has it, else fp32; "fp32", "bf16", "fp16" as named. Half precision is never used on the CPU (fp32 there)."""
+    has it, fp16 on another accelerator (training then scales the loss), fp32 on the CPU; "fp32", "bf16", "fp16"
+    as named. Half precision is never used on the CPU (fp32 there)."""
     if isinstance(name, torch.dtype):
         dtype = name
     else:
@@ -69,7 +70,7 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}
         if name in (None, "auto"):
-            return torch.bfloat16 if supports_bf16(device) else torch.float32
+            return torch.float32 if device.type == "cpu" else torch.bfloat16 if supports_bf16(device) else torch.float16
         if name not in table:
             raise AttenCraftError(f"Unknown precision {name!r}: use auto, fp32, bf16 or fp16.")
         dtype = table[name]

@@ -205,7 +205,7 @@ class TrainLoRA(io.ComfyNode):
                 _setting_input(TrainOptions, "keep_checkpoint", optional=True),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="auto", optional=True,
                                tooltip="Dtype of the model's frozen weights while training on a GPU (auto: bf16 "
-                                       "where the GPU has it, else fp32). The LoRA and concept embeddings always "
+                                       "where the GPU has it, else fp16). The LoRA and concept embeddings always "
                                        "learn in fp32; the CPU always uses fp32."),
                 _setting_input(TrainOptions, "gradient_checkpointing", optional=True),
             ],

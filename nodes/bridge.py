@@ -191,7 +191,7 @@ def vae_from_comfy(vae, scale_factor: float, device: torch.device):
 
 def components_from_comfy(model, clip, vae, progress: Progress = no_progress, precision: str = "auto"):
     """The core's SDComponents from ComfyUI objects, on ComfyUI's torch device, free of inference mode; UNet and
-    text towers in the dtype `precision` names there (auto: bf16 on a GPU that has it, fp32 on the CPU), the VAE
+    text towers in the dtype `precision` names there (auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU), the VAE
     float32. ComfyUI's own copies leave the device first. `progress` is told ("converting the model", parts
     done, 3)."""
     import comfy.model_management as mm

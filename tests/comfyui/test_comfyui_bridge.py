@@ -263,3 +263,28 @@ def test_sd3_and_flux_models_get_a_node_error_naming_them(kind, unet_config):
     execute = node_errors(lambda: components_from_comfy(patcher, None, None))
     with pytest.raises(AttenCraftNodeError, match=f"({kind}).*SD 1.x, SD 2.x and SDXL"):
         execute()
+
+
+def test_a_flux_lora_in_diffusers_names_loads_into_comfyui_with_every_key(caplog):
+    """Groundwork of the Flux family (#22): a PEFT LoRA on every attention projection of a diffusers Flux
+    transformer (double- and single-stream blocks), saved with diffusers' names under `transformer.`, loads into
+    ComfyUI's own Flux model with no key left over (q, k and v land in ComfyUI's fused qkv weights)."""
+    add_comfy_to_path()
+    import comfy.lora
+    import comfy.supported_models
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    model = comfy.supported_models.Flux(dict(FLUX_SMALL)).get_model({})
+    transformer = FluxTransformer2DModel(  # FLUX_SMALL in diffusers' terms
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 24, 24))
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False))
+    lora = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(transformer).items()}
+    with caplog.at_level("WARNING"):
+        patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(model, {}))
+    assert "lora key not loaded" not in caplog.text
+    assert {k[0] if isinstance(k, tuple) else k for k in patches} >= {
+        "diffusion_model.double_blocks.0.img_attn.qkv.weight", "diffusion_model.double_blocks.0.txt_attn.qkv.weight",
+        "diffusion_model.single_blocks.0.linear1.weight"}

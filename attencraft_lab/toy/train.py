@@ -119,13 +119,20 @@ class SizedStore(AttentionStore):
         super().add(f"{kind}{round(math.sqrt(probs.shape[1]))}", probs, heads)
 
 
+def clip_word_groups(caption: str) -> list[list[int] | None]:
+    """The token positions of each region in a CLIP-tokenized caption: the start token for the background,
+    then each object's words."""
+    return [[0]] + object_word_positions(caption)
+
+
 def localisation_loss(store: SizedStore, masks: list[np.ndarray], captions: list[str],
-                      t: torch.Tensor) -> torch.Tensor:
+                      t: torch.Tensor, word_groups=clip_word_groups) -> torch.Tensor:
     """Mean KL(target || attention) over the recorded maps of the captioned rows with t < ATTENTION_T_MAX.
 
     One term per (row, map size, region) for cross-attention (region = background or an object: each of its
     words' attention over pixels against the region's area fractions, averaged over the words), one per
     (row, map size) for self-attention (each pixel's attention against its own region's pixels).
+    `word_groups(caption)` gives each region's token positions (None: no token stands for that region).
     """
     eps = 1e-8
     rows = [b for b, (caption, step) in enumerate(zip(captions, t.tolist())) if caption and step < ATTENTION_T_MAX]
@@ -133,7 +140,7 @@ def localisation_loss(store: SizedStore, masks: list[np.ndarray], captions: list
         return torch.zeros(())
     maps_by_key = {key: store.mean(key)[rows] for key in store.sums}  # [N, Q, tokens] or [N, Q, Q]
     device = next(iter(maps_by_key.values())).device
-    groups = [[[0]] + object_word_positions(captions[b]) for b in rows]  # start token = background
+    groups = [word_groups(captions[b]) for b in rows]
     regions_count = max(len(g) for g in groups)
     objects = torch.zeros(len(rows), regions_count - 1, *masks[rows[0]].shape[-2:])
     tokens = max(maps.shape[-1] for key, maps in maps_by_key.items() if key.startswith("cross"))
@@ -142,7 +149,8 @@ def localisation_loss(store: SizedStore, masks: list[np.ndarray], captions: list
     for i, (b, positions) in enumerate(zip(rows, groups)):
         objects[i, : len(masks[b])] = torch.from_numpy(masks[b])
         for r, group in enumerate(positions):
-            select[i, r, group], present[i, r] = 1.0, True
+            if group is not None:
+                select[i, r, group], present[i, r] = 1.0, True
     objects, select, present = objects.to(device), select.to(device), present.to(device)
     total, count, regions_by_side = torch.zeros((), device=device), 0, {}
     for key, maps in maps_by_key.items():

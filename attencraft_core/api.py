@@ -16,6 +16,7 @@ from .errors import AttenCraftError
 from .families import family_of
 from .generation import class_images, generate
 from .images import contact_sheet, ensure_rgb, image_to_tensor, load_image, mask_to_image, overlay, tensor_to_image
+from .joint_attention import record_joint_attention
 from .lora import set_lora_strength, to_kohya
 from .masks import MaskResult, extract_masks, masks_from_latents
 from .model_loading import SDComponents, load_components, sd_noise_scheduler
@@ -28,7 +29,7 @@ from .training import Trainer, TrainingCancelled, TrainResult
 from .validation import require_number, require_seed
 
 __all__ = [
-    "PRECISIONS",
+    "PRECISIONS", "record_joint_attention",
     "PLACEHOLDER_RE", "ConceptTokens", "family_of",    "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
     "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
     "add_concept_tokens", "earlier_run_files", "is_concept_set", "is_snapshot", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",

@@ -29,8 +29,7 @@ from diffusers import FluxPipeline
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
-from attencraft_core.api import atomic_write, resolve_device
-from attencraft_core.joint_attention import record_joint_attention
+from attencraft_core.api import atomic_write, record_joint_attention, resolve_device
 
 from ..machine import machine_description
 from .dit import MAX_TOKENS, build_dit_pipeline

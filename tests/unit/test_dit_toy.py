@@ -19,7 +19,7 @@ def test_dit_training_resumes_exactly_and_exports_a_flux_pipeline(tmp_path):
     resumed = train(tmp_path / "b", minutes=60, batch=2, seed=0, export=tmp_path / "export", max_steps=2)
     assert resumed["step"] == 2 and resumed["losses"] == straight["losses"]
     assert straight["attention_losses"] and all(x >= 0 for x in straight["attention_losses"])
-    pipe = FluxPipeline.from_pretrained(tmp_path / "export", local_files_only=True, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(tmp_path / "export", local_files_only=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a photo of a red star", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
                  max_sequence_length=32, generator=torch.Generator().manual_seed(0), output_type="np").images

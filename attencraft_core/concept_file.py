@@ -226,8 +226,8 @@ class ConceptSet:
         require_number("LoRA strength", strength, -10, 10)
         self.check_model(comps)
         ConceptTokens.add(comps, self.concepts).set_rows(self.embeddings)
-        load_lora_state_dict(comps.unet, self.lora, self.rank, self.alpha, self.targets)
-        set_lora_strength(comps.unet, strength)
+        load_lora_state_dict(comps.denoiser, self.lora, self.rank, self.alpha, self.targets)
+        set_lora_strength(comps.denoiser, strength)
 
     def save_kohya(self, path: str | Path) -> Path:
         """The LoRA in kohya format (what ComfyUI's LoraLoader and A1111 read), alpha = the real LoRA alpha."""

@@ -61,7 +61,7 @@ def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int 
                 return tensors
 
             generator = torch.Generator("cpu").manual_seed(seed + i)
-            latents = torch.randn((1, comps.unet.config.in_channels, size // comps.vae_scale_factor,
+            latents = torch.randn((1, comps.denoiser.config.in_channels, size // comps.vae_scale_factor,
                                    size // comps.vae_scale_factor), generator=generator)
             result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
                           height=size, width=size, latents=latents.to(comps.device, comps.dtype),
@@ -74,7 +74,7 @@ def model_fingerprint(comps: SDComponents) -> str:
     """Short hash of a few weights of each module that makes an image (the VAE's decoder too: a checkpoint used
     with another VAE draws other pixels): tells two models apart without hashing gigabytes."""
     h = hashlib.sha256()
-    for tensor in (comps.unet.conv_in.weight, comps.text_encoder.get_input_embeddings().weight[:64],
+    for tensor in (comps.denoiser.conv_in.weight, comps.text_encoder.get_input_embeddings().weight[:64],
                    comps.vae.decoder.conv_out.weight):
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

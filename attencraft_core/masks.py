@@ -95,7 +95,7 @@ def concept_attention(comps: SDComponents, latents: torch.Tensor, concepts: list
     timesteps = torch.tensor([t], device=comps.device)
     noisy = comps.noise_scheduler.add_noise(latents, noise.to(latents), timesteps)
     store = AttentionStore(rows=[0])
-    with torch.no_grad(), capture_attention(comps.unet, store, opts.cross_factor, opts.self_factor):
+    with torch.no_grad(), capture_attention(comps.denoiser, store, opts.cross_factor, opts.self_factor):
         family_of(comps).predict(comps, noisy, timesteps, encode_prompts(comps, [prompt], latents))
         cross, self_attn = store.mean("cross")[0], store.mean("self")[0]
     aspect = latents.shape[-1] / latents.shape[-2]

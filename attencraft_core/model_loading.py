@@ -31,7 +31,7 @@ def sd_noise_scheduler(prediction_type: str = "epsilon"):
 class SDComponents:
     """The modules the method works on. The core may add tokens to `tokenizer`; callers own copies."""
 
-    unet: "torch.nn.Module"
+    denoiser: "torch.nn.Module"  # the UNet (SD 1.x/2.x, SDXL)
     vae: "torch.nn.Module"
     text_encoder: "torch.nn.Module"
     tokenizer: object
@@ -55,23 +55,21 @@ class SDComponents:
 
     @property
     def native_resolution(self) -> int:
-        """Image side in pixels the UNet was built for (sample_size x VAE factor)."""
-        size = self.unet.config.sample_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return int(size) * self.vae_scale_factor
+        """Image side in pixels the model was built for (see families/)."""
+        return family_of(self).native_resolution(self)
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "SDComponents":
         """Move every module to `device`; the UNet and text towers also to `dtype`. The VAE stays float32 (it is
         small, runs once per image, and SDXL's overflows in fp16)."""
-        for module in (self.unet, self.vae, *self.text_modules):
+        for module in (self.denoiser, self.vae, *self.text_modules):
             module.to(device)
             if dtype is not None and module is not self.vae and next(module.parameters()).dtype != dtype:
                 module.to(dtype)
@@ -209,11 +207,11 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
                          parts["scheduler"], source=str(root), text_encoder_2=parts.get("text_encoder_2"),
                          tokenizer_2=parts.get("tokenizer_2"))
     width = sum(m.config.hidden_size for m in comps.text_modules)
-    if comps.unet.config.cross_attention_dim != width:
+    if comps.denoiser.config.cross_attention_dim != width:
         raise AttenCraftError(
-            f"{root}: the UNet expects {comps.unet.config.cross_attention_dim}-d text features but the text "
+            f"{root}: the UNet expects {comps.denoiser.config.cross_attention_dim}-d text features but the text "
             f"encoders give {width}-d: components from different models.")
-    for module in (comps.unet, comps.vae, *comps.text_modules):
+    for module in (comps.denoiser, comps.vae, *comps.text_modules):
         module.requires_grad_(False).eval()
     comps.to(torch.device(device), dtype)
     return comps

@@ -139,13 +139,13 @@ def attach_trainables(comps: SDComponents, tokens: ConceptTokens, opts: TrainOpt
     """Seeded LoRA on the UNet's target layers, learned concept rows, and AdamW (weight decay on LoRA only)."""
     from diffusers.training_utils import cast_training_params  # on use (see lora.py)
 
-    add_lora(comps.unet, opts.rank, opts.alpha, opts.targets, seed=opts.seed)
-    cast_training_params(comps.unet, torch.float32)  # PEFT gives the adapter the base layer's dtype
+    add_lora(comps.denoiser, opts.rank, opts.alpha, opts.targets, seed=opts.seed)
+    cast_training_params(comps.denoiser, torch.float32)  # PEFT gives the adapter the base layer's dtype
     if opts.gradient_checkpointing:
-        comps.unet.enable_gradient_checkpointing()
-        comps.unet.train()
+        comps.denoiser.enable_gradient_checkpointing()
+        comps.denoiser.train()
     embeddings = tokens.learn()
-    lora = lora_parameters(comps.unet)
+    lora = lora_parameters(comps.denoiser)
     optimizer = torch.optim.AdamW([{"params": lora, "weight_decay": opts.weight_decay, "name": "lora"},
                                    {"params": embeddings, "weight_decay": 0.0, "name": "embeddings"}])
     scaler = torch.amp.GradScaler(comps.device.type, enabled=comps.dtype == torch.float16)
@@ -220,7 +220,7 @@ class Trainer:
         noisy, t, target = family.training_sample(comps, latents, self.generator)
         store = AttentionStore(rows=[0])
         # the recording processors stay installed through backward: gradient checkpointing reruns them
-        with capture_attention(comps.unet, store, o.masks.cross_factor, None, detach_sot=True):
+        with capture_attention(comps.denoiser, store, o.masks.cross_factor, None, detach_sot=True):
             pred = family.predict(comps, noisy, t, cond)
             latent_mask = self.loss_mask(chosen, latents.shape[-2:]).to(self.device)
             losses = {"instance": masked_diffusion_loss(pred[:1], target[:1], latent_mask if o.masked_loss else None,
@@ -279,7 +279,7 @@ class Trainer:
     def refresh_masks(self, step: int) -> None:
         """Re-derive the masks with the current model; keep them only if one-to-one and SSIM >= ssim_min."""
         gen = torch.Generator().manual_seed(self.opts.masks.seed + step)
-        self.comps.unet.eval()
+        self.comps.denoiser.eval()
         try:
             result = masks_from_latents(self.comps, self.latents, self.concepts, self.opts.masks, gen)
         except AttenCraftError as exc:
@@ -287,7 +287,7 @@ class Trainer:
             return
         finally:
             if self.opts.gradient_checkpointing:
-                self.comps.unet.train()
+                self.comps.denoiser.train()
         similarity = [ssim(new, old) for new, old in zip(result.masks_lowres, self.masks)]
         if min(similarity) < self.opts.ssim_min:
             self._event(f"mask refresh rejected (SSIM {', '.join(f'{s:.2f}' for s in similarity)} "
@@ -309,7 +309,7 @@ class Trainer:
     def save_checkpoint(self, step: int) -> Path:
         """Write the resumable state (no pickle: safetensors + JSON metadata) atomically."""
         optimizer_tensors, optimizer_info = optimizer_to_flat(self.optimizer.state_dict())
-        tensors = {**{f"lora.{k}": v for k, v in lora_state_dict(self.comps.unet).items()},
+        tensors = {**{f"lora.{k}": v for k, v in lora_state_dict(self.comps.denoiser).items()},
                    "embeddings": self.tokens.rows(),
                    "masks": self.masks.to(torch.uint8), "scores": self.scores.float(),
                    "generator": self.generator.get_state(), **optimizer_tensors}
@@ -345,7 +345,7 @@ class Trainer:
             masks = tensors["masks"].bool()
             if tuple(masks.shape) != tuple(self.masks.shape):
                 raise ValueError(f"masks of shape {tuple(masks.shape)}, expected {tuple(self.masks.shape)}")
-            copy_lora_weights(self.comps.unet, lora)
+            copy_lora_weights(self.comps.denoiser, lora)
             self.tokens.set_rows(embeddings)
             self.optimizer.load_state_dict(optimizer_from_flat(tensors, info["optimizer"]))
             if info["scaler"]:
@@ -368,7 +368,7 @@ class Trainer:
         training["mask_options"] = asdict(o.masks)
         training["steps_done"] = self.history[-1]["step"] if self.history else 0
         return ConceptSet(self.concepts, self.tokens.rows(),
-                          lora_state_dict(self.comps.unet), o.rank, float(o.alpha or o.rank), o.targets,
+                          lora_state_dict(self.comps.denoiser), o.rank, float(o.alpha or o.rank), o.targets,
                           self.comps.family, self.comps.source, self.masks.cpu(), training,
                           self.tokens.widths if len(self.tokens.widths) > 1 else None)
 
@@ -418,7 +418,7 @@ class Trainer:
                 if self.callback:
                     self.callback(done, o.steps, record, ratios)
         finally:
-            self.trainables.release(self.comps.unet)
+            self.trainables.release(self.comps.denoiser)
         result = TrainResult(self.concept_set(), self.history, self.events)
         result.files = write_outputs(self.out, name, result, self.masks, self.sampler.ratios(),
                                      time.perf_counter() - started)
@@ -437,7 +437,7 @@ class Trainer:
     def preview(self, name: str, step: int) -> Image.Image:
         """One small image per concept ("a photo of <ci>") with the current weights, as a labelled sheet saved
         as <name>_preview_<step>.png and handed to `on_preview`. Seeded, so sheets of one run compare."""
-        unet = self.comps.unet
+        unet = self.comps.denoiser
         was_training = unet.training
         unet.eval()
         try:

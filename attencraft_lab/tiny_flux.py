@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
+from attencraft_core.api import SDComponents
+
 from .tiny_models import BASE_WORDS, build_word_tokenizer
 
 T5_MAX_LENGTH = 32  # Flux.1 uses 512 (dev) or 256 (schnell) T5 tokens; the toy's captions are short
@@ -60,3 +62,9 @@ def build_tiny_flux_pipeline(seed: int = 0, width: int = 32, words=BASE_WORDS, g
         module.requires_grad_(False).eval()
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
                         tokenizer_2=t5_tokenizer, transformer=transformer)
+
+
+def flux_components(pipe: FluxPipeline, source: str = "tiny-flux") -> SDComponents:
+    """The core's component set over a Flux pipeline's modules (the transformer is the denoiser)."""
+    return SDComponents(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, source=source,
+                        text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)

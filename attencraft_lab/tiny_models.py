@@ -139,7 +139,7 @@ def save_components(comps: SDComponents, out_dir: str | Path) -> Path:
     """Write a component set as a diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline) folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    comps.unet.save_pretrained(out / "unet")
+    comps.denoiser.save_pretrained(out / "unet")
     comps.vae.save_pretrained(out / "vae")
     comps.text_encoder.save_pretrained(out / "text_encoder")
     comps.tokenizer.save_pretrained(out / "tokenizer")

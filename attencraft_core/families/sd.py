@@ -19,7 +19,7 @@ class StableDiffusion:
 
     def name(self, comps) -> str:
         """"sd1" (768-d CLIP-L text), "sd2" (1024-d OpenCLIP-H text) or "custom-<dim>" for other models."""
-        dim = int(comps.unet.config.cross_attention_dim)
+        dim = int(comps.denoiser.config.cross_attention_dim)
         return {768: "sd1", 1024: "sd2"}.get(dim, f"custom-{dim}")
 
     def towers(self, comps) -> list[tuple[object, torch.nn.Module]]:
@@ -29,6 +29,11 @@ class StableDiffusion:
     def embedding_keys(self, name: str) -> list[str]:
         """The key of each tower's row in a textual-inversion file."""
         return [EMBEDDING_KEYS.get(name, "emb_params")]
+
+    def native_resolution(self, comps) -> int:
+        """Image side in pixels the model was built for (the UNet's sample size x the VAE factor)."""
+        size = comps.denoiser.config.sample_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size) * comps.vae_scale_factor
 
     def training_sample(self, comps, latents: torch.Tensor, generator: torch.Generator):
         """(noisy latents, timesteps, target) of the DDPM objective: Gaussian noise and a uniform timestep per
@@ -45,7 +50,7 @@ class StableDiffusion:
 
     def predict(self, comps, noisy: torch.Tensor, t: torch.Tensor, conditioning: dict) -> torch.Tensor:
         """The denoiser's output for noisy latents [B, C, h, w] (the same layout)."""
-        return comps.unet(noisy, t, **conditioning).sample
+        return comps.denoiser(noisy, t, **conditioning).sample
 
     def conditioning(self, comps, prompts: list[str], image_hw: tuple[int, int]) -> dict:
         """The UNet's text inputs for the prompts (gradients flow when a token table trains)."""
@@ -57,5 +62,5 @@ class StableDiffusion:
         from diffusers import StableDiffusionPipeline  # on use (see lora.py)
 
         return StableDiffusionPipeline(
-            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.denoiser,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

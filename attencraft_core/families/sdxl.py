@@ -46,5 +46,5 @@ class StableDiffusionXL(StableDiffusion):
 
         return StableDiffusionXLPipeline(
             vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
-            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=scheduler,
+            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=comps.denoiser, scheduler=scheduler,
             force_zeros_for_empty_prompt=True)

@@ -153,7 +153,7 @@ def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, 
     trainer.run("bench")
     finals = {}
     for strength in strengths:
-        set_lora_strength(comps.unet, strength)
+        set_lora_strength(comps.denoiser, strength)
         final = evaluate(comps, scene, placeholders, images, seed=500)
         finals[strength] = {**final, "gaps": gaps + [(steps, abs(final["fidelity"][0] - final["fidelity"][1]))]}
     return finals

@@ -108,7 +108,7 @@ def reset_peak(device: torch.device) -> None:
 def measure_masks(args, device: torch.device, concepts, dtype: torch.dtype) -> None:
     """Mask extraction vs one UNet forward (batch 1), on a model of its own in `dtype`."""
     comps = build(args.family, args.resolution, dtype).to(device)
-    print(f"UNet parameters: {sum(p.numel() for p in comps.unet.parameters()) / 1e6:.0f} M")
+    print(f"UNet parameters: {sum(p.numel() for p in comps.denoiser.parameters()) / 1e6:.0f} M")
     ConceptTokens.add(comps, concepts)
     latents = torch.randn(1, 4, args.resolution // 8, args.resolution // 8, device=device, dtype=dtype)
     emb = encode_prompts(comps, [concepts_prompt(["<c0>", "<c1>"])], latents)
@@ -116,7 +116,7 @@ def measure_masks(args, device: torch.device, concepts, dtype: torch.dtype) -> N
 
     def forward():
         with torch.no_grad():
-            comps.unet(latents, t, **emb)
+            comps.denoiser(latents, t, **emb)
 
     def extract():
         try:
@@ -190,7 +190,7 @@ def main() -> None:
                             f"{100 * t_preview / (args.preview_every * t_ac):.1f} % |")
 
         # plain LoRA fine-tuning step on the same UNet + LoRA: batch 2, MSE, fused attention, frozen text
-        unet = comps_v.unet
+        unet = comps_v.denoiser
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)

@@ -207,7 +207,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     comps = build_toy_components(seed)
     if init and not state:  # its weights into fresh modules, so the export has the same files as any other
         trained = load_components(init)
-        for name in ("unet", "vae", "text_encoder"):
+        for name in ("denoiser", "vae", "text_encoder"):
             getattr(comps, name).load_state_dict(getattr(trained, name).state_dict())
         done = init / "training_log.json"  # an export whose VAE already learnt every appearance keeps it
         vae_all = json.loads(done.read_text()).get("vae_all_step", 0) if done.is_file() else 0
@@ -215,7 +215,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
                    scaling_factor=float(trained.vae.config.scaling_factor))
     comps.to(device)
     vae_opt = torch.optim.AdamW(comps.vae.parameters(), lr=1e-3)
-    params = list(comps.unet.parameters()) + list(comps.text_encoder.parameters())
+    params = list(comps.denoiser.parameters()) + list(comps.text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     dec_params = list(comps.vae.post_quant_conv.parameters()) + list(comps.vae.decoder.parameters())
     dec_opt = torch.optim.AdamW(dec_params, lr=5e-4)
@@ -223,7 +223,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     anchor = None  # stage 4's reference: the VAE as stage 3 used it
     if state:
         comps.vae.load_state_dict(state["vae"])
-        comps.unet.load_state_dict(state["unet"])
+        comps.denoiser.load_state_dict(state["unet"])
         comps.text_encoder.load_state_dict(state["text_encoder"])
         vae_opt.load_state_dict(state["vae_opt"])
         opt.load_state_dict(state["opt"])
@@ -243,7 +243,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         ema.to(device)
 
     def save():
-        data = {"vae": comps.vae.state_dict(), "unet": comps.unet.state_dict(),
+        data = {"vae": comps.vae.state_dict(), "unet": comps.denoiser.state_dict(),
                 "text_encoder": comps.text_encoder.state_dict(), "vae_opt": vae_opt.state_dict(),
                 "opt": opt.state_dict(), "dec_opt": dec_opt.state_dict(), "ema": ema.state_dict(),
                 "torch_rng": torch.get_rng_state(), "log": log}
@@ -304,7 +304,7 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         log["scaling_factor"] = float(1.0 / latents.std())
     comps.vae.register_to_config(scaling_factor=log["scaling_factor"])
 
-    comps.unet.train()
+    comps.denoiser.train()
     comps.text_encoder.train()
     bar = tqdm(desc="UNet", unit="step", initial=log["unet_step"])
     stream = BatchStream(seed, "unet", log["unet_step"], batch, workers, device)
@@ -316,10 +316,10 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (batch,), device=device)
         store = SizedStore(rows=list(range(batch)))
-        recording = capture_attention(comps.unet, store, cross_factor=(2, 4), self_factor=2) if attention_weight \
+        recording = capture_attention(comps.denoiser, store, cross_factor=(2, 4), self_factor=2) if attention_weight \
             else contextlib.nullcontext()
         with recording:
-            pred = comps.unet(comps.noise_scheduler.add_noise(latents, noise, t), t,
+            pred = comps.denoiser(comps.noise_scheduler.add_noise(latents, noise, t), t,
                               comps.text_encoder(ids)[0]).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(comps.noise_scheduler, t)).mean()
@@ -366,12 +366,12 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
     save()
     if export:
         ema.copy_to(params)
-        comps.unet.eval()
+        comps.denoiser.eval()
         comps.text_encoder.eval()
         comps.to(torch.device("cpu"))
         out = save_components(comps, export)
-        for sub in ("unet", "vae", "text_encoder"):  # fp16 on disk keeps the package small
-            module = getattr(comps, sub)
+        for sub, module in (("unet", comps.denoiser), ("vae", comps.vae), ("text_encoder", comps.text_encoder)):
+            # fp16 on disk keeps the package small
             module.half().save_pretrained(out / sub)
             module.float()
         summary = {k: v for k, v in log.items() if k not in ("losses", "attention_losses")}

@@ -38,7 +38,7 @@ def test_unet_output_matches_comfyui(comfy_objects, comps):
     x, ctx = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 768)
     t = torch.tensor([10, 700])
     with torch.no_grad():
-        ours = comps.unet(x, t, ctx).sample
+        ours = comps.denoiser(x, t, ctx).sample
         theirs = model.model.diffusion_model(x, timesteps=t, context=ctx)
     assert (ours - theirs).abs().max() < 1e-5 * max(1.0, float(theirs.abs().max()))
 
@@ -100,7 +100,7 @@ def test_sd2_checkpoint_bridges_exactly(tmp_path):
     assert comps.family == "sd2" and comps.text_encoder.config.num_hidden_layers == 23
     x, ctx, t = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 1024), torch.tensor([300])
     with torch.no_grad():
-        ours = comps.unet(x, t, ctx).sample
+        ours = comps.denoiser(x, t, ctx).sample
         theirs = model.model.diffusion_model(x, timesteps=t, context=ctx)
         assert (ours - theirs).abs().max() < 1e-5 * max(1.0, float(theirs.abs().max()))
         cond = clip.encode_from_tokens(clip.tokenize("a photo of a cat"))
@@ -147,7 +147,7 @@ def test_sdxl_bridges_exactly(sdxl_objects):
                                    target_height=h)
         t = torch.tensor([400])
         theirs = model.model.diffusion_model(latents, timesteps=t, context=cond, y=y)
-        mine = comps.unet(latents, t, **ours).sample
+        mine = comps.denoiser(latents, t, **ours).sample
     assert (mine - theirs).abs().max() < 1e-4 * max(1.0, float(theirs.abs().max()))
 
 
@@ -192,8 +192,8 @@ def test_an_sdxl_lora_loads_into_comfyui_with_every_key(sdxl_objects):
     model, clip, vae = sdxl_objects
     with torch.inference_mode(False):
         comps = components_from_comfy(model, clip, vae)
-        add_lora(comps.unet, rank=2, targets="all")
-        kohya = to_kohya(lora_state_dict(comps.unet), 2.0)
+        add_lora(comps.denoiser, rank=2, targets="all")
+        kohya = to_kohya(lora_state_dict(comps.denoiser), 2.0)
     check_lora_keys(kohya, comfy.lora.model_lora_keys_unet(model.model, {}))
     patched, _ = comfy.sd.load_lora_for_models(model, clip, kohya, 1.0, 0.0)
     assert len(patched.patches) == len({k.split(".")[0] for k in kohya})  # every module patched, none skipped

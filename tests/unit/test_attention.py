@@ -55,7 +55,7 @@ def test_detached_start_token_gets_no_key_value_gradient():
 
 @pytest.mark.parametrize("latent", [64, 32, 96])
 def test_selected_layers_run_at_latent_over_4_and_over_2(tiny, latent):
-    unet = tiny.unet
+    unet = tiny.denoiser
     seen = {}
 
     def hook(name):
@@ -80,7 +80,7 @@ def test_selected_layers_run_at_latent_over_4_and_over_2(tiny, latent):
 
 
 def test_capture_records_only_asked_layers_and_restores_processors(tiny):
-    unet = tiny.unet
+    unet = tiny.denoiser
     before = {n: type(p) for n, p in unet.attn_processors.items()}
     lat, ctx = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 32)
     with torch.no_grad():
@@ -101,5 +101,5 @@ def test_capture_records_only_asked_layers_and_restores_processors(tiny):
 
 def test_missing_factor_is_a_clear_error(tiny):
     with pytest.raises(AttenCraftError, match="no cross-attention layers at latent/16.*latent/1, latent/2"):
-        select_layers(tiny.unet, "cross", 16)
-    assert set(layer_factors(tiny.unet).values()) == {1, 2, 4, 8}
+        select_layers(tiny.denoiser, "cross", 16)
+    assert set(layer_factors(tiny.denoiser).values()) == {1, 2, 4, 8}

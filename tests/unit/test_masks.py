@@ -30,7 +30,7 @@ def run_pipeline(tiny, n, seed=0):
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_pipeline_finds_each_concept_where_its_token_attends(tiny, planted_attention, n):
     blobs = planted_attention(n)
-    before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    before = {k: v.clone() for k, v in tiny.denoiser.state_dict().items()}
     result = run_pipeline(tiny, n)
     assert result.masks_lowres.shape == (n, 16, 16) and result.masks_lowres.dtype == torch.bool
     assert result.maps.shape == result.token_attention.shape == (n + 1, 16, 16)
@@ -39,7 +39,7 @@ def test_pipeline_finds_each_concept_where_its_token_attends(tiny, planted_atten
         assert iou > 0.9, f"concept {k}: IoU {iou:.2f} with the blob its token attends to"
     assert 0 <= result.timestep < 300
     assert bool((result.scores > 0.5).all()) and bool((result.scores <= 1).all())
-    assert all(torch.equal(v, tiny.unet.state_dict()[k]) for k, v in before.items())  # no parameter update
+    assert all(torch.equal(v, tiny.denoiser.state_dict()[k]) for k, v in before.items())  # no parameter update
 
 
 def test_random_attention_either_separates_or_says_why(tiny):

@@ -75,7 +75,7 @@ def concept_set(family, dim, tiny_unet=None):
 
 
 def test_files_land_in_comfyui_folders_with_the_keys_its_loaders_read(tiny, tmp_path):
-    cs = concept_set("sd1", 768, tiny.unet)
+    cs = concept_set("sd1", 768, tiny.denoiser)
     paths = logic.comfy_file_paths("duo", tmp_path / "loras", tmp_path / "sets")
     logic.write_comfy_files(cs, paths)
     names = logic.write_embeddings(cs, "duo", tmp_path / "embeddings")
@@ -87,7 +87,7 @@ def test_files_land_in_comfyui_folders_with_the_keys_its_loaders_read(tiny, tmp_
         assert list(emb) == ["clip_l"] and emb["clip_l"].shape == (1, 768)
         torch.testing.assert_close(emb["clip_l"][0], cs.embeddings[i])
     # ComfyUI maps "lora_unet_" + diffusers module path with "_" onto UNet weights (comfy.lora.model_lora_keys_unet)
-    key_map = {"lora_unet_" + n.replace(".", "_"): n for n, m in tiny.unet.named_modules() if hasattr(m, "weight")}
+    key_map = {"lora_unet_" + n.replace(".", "_"): n for n, m in tiny.denoiser.named_modules() if hasattr(m, "weight")}
     kohya = load_file(paths["lora"])
     logic.check_lora_keys(kohya, key_map)
     suffixes = {k.split(".", 1)[1] for k in kohya}

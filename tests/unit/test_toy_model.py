@@ -36,11 +36,11 @@ def test_toy_architecture_has_the_layers_the_method_reads(untrained_toy_dir):
     from diffusers import StableDiffusionPipeline
 
     comps = load_components(untrained_toy_dir)
-    factors = layer_factors(comps.unet)
+    factors = layer_factors(comps.denoiser)
     assert {f for n, f in factors.items() if n.endswith("attn2.processor")} == {2, 4}
     assert comps.native_resolution == 64 and comps.vae_scale_factor == 2
     assert all(len(comps.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in VOCABULARY)
-    size = sum(p.numel() for m in (comps.unet, comps.vae, comps.text_encoder) for p in m.parameters())
+    size = sum(p.numel() for m in (comps.denoiser, comps.vae, comps.text_encoder) for p in m.parameters())
     assert size * 2 < 25 * 2**20  # fits the 25 MB budget in fp16
     pipe = StableDiffusionPipeline.from_pretrained(untrained_toy_dir, local_files_only=True, safety_checker=None,
                                                    requires_safety_checker=False)
@@ -112,12 +112,12 @@ def test_toy_training_resumes_and_exports(tmp_path):
     assert again["vae_step"] == 3 and again["unet_step"] == 3 and len(again["losses"]) == 3
     comps = load_components(tmp_path / "export")
     assert comps.vae.config.scaling_factor == pytest.approx(first["scaling_factor"])
-    assert comps.unet.dtype == torch.float32  # stored in fp16, loaded in fp32
+    assert comps.denoiser.dtype == torch.float32  # stored in fp16, loaded in fp32
     # the export holds the EMA of the trained weights (diffusers' EMAModel, kept in the checkpoint), not the weights
     state = torch.load(tmp_path / "work" / "toy_checkpoint.pt", weights_only=True)
     shadow, trained = state["ema"]["shadow_params"][0], state["unet"]["conv_in.weight"]
     assert state["ema"]["optimization_step"] == 3 and not torch.equal(shadow, trained)
-    torch.testing.assert_close(comps.unet.conv_in.weight, shadow.half().float())
+    torch.testing.assert_close(comps.denoiser.conv_in.weight, shadow.half().float())
 
 
 def test_decoder_sharpening_keeps_the_latent_space_the_unet_learned(tmp_path):
@@ -225,7 +225,7 @@ def test_training_continues_an_exported_model(tmp_path):
     before, after = load_components(tmp_path / "export"), load_components(tmp_path / "again")
     assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
     assert all(torch.equal(x, y) for x, y in zip(before.vae.parameters(), after.vae.parameters()))
-    assert any(not torch.equal(x, y) for x, y in zip(before.unet.parameters(), after.unet.parameters()))
+    assert any(not torch.equal(x, y) for x, y in zip(before.denoiser.parameters(), after.denoiser.parameters()))
 
 
 def test_vae_stage_batches_show_held_out_appearances_in_their_second_half():

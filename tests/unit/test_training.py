@@ -53,21 +53,21 @@ def make_trainer(comps, out, n=2, callback=None, masks="user", **options):
 
 def trained_state(comps, trainer):
     """The trainer's LoRA weights and concept rows now (mid-run too)."""
-    lora = {n: p.detach().clone() for n, p in comps.unet.named_parameters() if "lora_" in n}
+    lora = {n: p.detach().clone() for n, p in comps.denoiser.named_parameters() if "lora_" in n}
     return lora, trainer.tokens.rows()
 
 
 def test_training_changes_every_lora_weight_and_every_concept_embedding_and_nothing_else(tiny, tmp_path):
-    frozen = {f"unet.{k}": v.clone() for k, v in tiny.unet.state_dict().items()}
+    frozen = {f"unet.{k}": v.clone() for k, v in tiny.denoiser.state_dict().items()}
     frozen.update({f"vae.{k}": v.clone() for k, v in tiny.vae.state_dict().items()})
     frozen.update({f"te.{k}": v.clone() for k, v in tiny.text_encoder.state_dict().items()})
     trainer = make_trainer(tiny, tmp_path, n=3, alpha=8.0)
     table_before = tiny.text_encoder.get_input_embeddings().weight.detach().clone()  # after token init
-    lora_before = {n: p.detach().clone() for n, p in tiny.unet.named_parameters() if "lora_" in n}
+    lora_before = {n: p.detach().clone() for n, p in tiny.denoiser.named_parameters() if "lora_" in n}
     assert lora_before, "no LoRA parameters were added"
     result = trainer.run("t")
     assert all(np.isfinite(h["loss"]) for h in result.history) and len(result.history) == 4
-    for name, p in tiny.unet.named_parameters():
+    for name, p in tiny.denoiser.named_parameters():
         if "lora_" in name:
             assert not torch.equal(p, lora_before[name]), f"{name} did not change"
             assert ".attn2.to_k." in name or ".attn2.to_v." in name  # default targets: cross-attention k/v
@@ -77,7 +77,7 @@ def test_training_changes_every_lora_weight_and_every_concept_embedding_and_noth
     others = torch.ones(table.shape[0], dtype=torch.bool)
     others[trainer.token_ids] = False
     assert torch.equal(table[others], table_before[others])
-    state = {f"unet.{k}": v for k, v in tiny.unet.state_dict().items() if "lora_" not in k}
+    state = {f"unet.{k}": v for k, v in tiny.denoiser.state_dict().items() if "lora_" not in k}
     state = {k.replace(".base_layer", ""): v for k, v in state.items()}
     state.update({f"vae.{k}": v for k, v in tiny.vae.state_dict().items()})
     state.update({f"te.{k}": v for k, v in tiny.text_encoder.state_dict().items()
@@ -94,7 +94,7 @@ def test_inputs_are_prepared_on_their_own(tiny):
                             class_images=class_imgs())
     assert len(inputs.tokens.ids[0]) == 2 and inputs.latents.shape[0] == 1 and inputs.class_latents.shape[0] == 1
     assert inputs.masks.dtype == torch.bool and inputs.masks.shape == (2, 16, 16) and inputs.scores.shape == (2,)
-    assert not any("lora_" in n for n, _ in tiny.unet.named_parameters())
+    assert not any("lora_" in n for n, _ in tiny.denoiser.named_parameters())
     no_prior = prepare_inputs(tiny, scene(), concepts, TrainOptions(prior_weight=0), user_masks=user_masks(2))
     assert no_prior.class_latents is None
 
@@ -104,8 +104,8 @@ def test_half_precision_frozen_weights_train_float32_lora_and_rows(tiny, tmp_pat
     """The GPU memory path, exercised on the CPU: UNet and text towers frozen in half precision (as a GPU run
     loads them), LoRA and concept rows learned in float32, the VAE float32, the result resumable."""
     tiny.to(tiny.device, dtype)
-    assert tiny.unet.conv_in.weight.dtype == dtype and tiny.vae.decoder.conv_out.weight.dtype == torch.float32
-    frozen = tiny.unet.conv_in.weight.detach().clone()
+    assert tiny.denoiser.conv_in.weight.dtype == dtype and tiny.vae.decoder.conv_out.weight.dtype == torch.float32
+    frozen = tiny.denoiser.conv_in.weight.detach().clone()
     trainer = make_trainer(tiny, tmp_path, keep_checkpoint=True)
     rows_before = trainer.tokens.rows()
     assert all(p.dtype == torch.float32 for p in trainer.lora + trainer.trainables.embeddings)
@@ -114,7 +114,7 @@ def test_half_precision_frozen_weights_train_float32_lora_and_rows(tiny, tmp_pat
     assert all(np.isfinite(h["loss"]) for h in result.history)
     assert not torch.equal(result.concept_set.embeddings, rows_before)
     assert any(v.abs().sum() > 0 for k, v in result.concept_set.lora.items() if "lora_B" in k)
-    assert torch.equal(tiny.unet.conv_in.weight, frozen) and tiny.unet.conv_in.weight.dtype == dtype
+    assert torch.equal(tiny.denoiser.conv_in.weight, frozen) and tiny.denoiser.conv_in.weight.dtype == dtype
     assert tiny.text_encoder.get_input_embeddings().weight.dtype == dtype
     assert load_checkpoint(tmp_path / "checkpoint.safetensors")[1]["dtype"] == str(dtype).removeprefix("torch.")
 
@@ -136,11 +136,11 @@ def test_trainables_attach_and_release(tiny):
     assert torch.equal(seen[0, 1], rows[1].detach()) and torch.equal(seen[0, 2], table[5])
     seen.sum().backward()
     assert rows.grad is not None and table.grad is None
-    trainables.release(tiny.unet)
+    trainables.release(tiny.denoiser)
     assert torch.equal(table[token_ids[1]], before[token_ids[1]] + 1.0)  # written back on release
     assert torch.equal(tiny.text_encoder.get_input_embeddings()(ids)[0, 1], table[token_ids[1]])  # no hook left
     assert not any(p.requires_grad for p in trainables.lora)
-    assert not tiny.unet.training
+    assert not tiny.denoiser.training
 
 
 def test_outputs_and_file_formats(trained_pair):
@@ -172,7 +172,7 @@ def test_outputs_and_file_formats(trained_pair):
 def test_kohya_export_loads_back_to_the_same_deltas(trained_pair):
     result, tiny = trained_pair.result, trained_pair.comps
     kohya = load_file(result.files["lora_kohya"])
-    paths = [n for n, _ in tiny.unet.named_modules()]
+    paths = [n for n, _ in tiny.denoiser.named_modules()]
     state, alphas = from_kohya(kohya, paths)
     original = lora_deltas(result.concept_set.lora, {p: 6.0 for p in alphas})
     restored = lora_deltas(state, alphas)
@@ -181,7 +181,7 @@ def test_kohya_export_loads_back_to_the_same_deltas(trained_pair):
         torch.testing.assert_close(restored[path], original[path])
     # and the delta is what PEFT applies: base + delta == the LoRA-wrapped layer's effective weight
     path = next(iter(original))
-    layer = dict(tiny.unet.named_modules())[path]
+    layer = dict(tiny.denoiser.named_modules())[path]
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ original[path].T, atol=1e-5, rtol=1e-4)
 
@@ -196,13 +196,13 @@ def test_strength_scales_the_lora_weight_change_like_comfyui(trained_pair):
         fresh = build_tiny_components(seed=0)
         concept_set.apply(fresh, strength)
         for path in list(deltas)[:3]:
-            layer = dict(fresh.unet.named_modules())[path]
+            layer = dict(fresh.denoiser.named_modules())[path]
             x = torch.randn(3, layer.in_features)
             assert (x @ deltas[path].T).abs().max() > 1e-3  # a change large enough to tell strengths apart
             torch.testing.assert_close(layer(x), layer.base_layer(x) + strength * x @ deltas[path].T,
                                        atol=1e-5, rtol=1e-4)
     with pytest.raises(AttenCraftError, match="no AttenCraft LoRA"):
-        set_lora_strength(build_tiny_components(seed=0).unet, 0.5)
+        set_lora_strength(build_tiny_components(seed=0).denoiser, 0.5)
 
 
 def test_save_load_generate_gives_identical_images(trained_pair):

@@ -374,13 +374,19 @@ def train(work: Path, minutes: float, vae_steps: int, batch: int, seed: int, exp
             # fp16 on disk keeps the package small
             module.half().save_pretrained(out / sub)
             module.float()
-        summary = {k: v for k, v in log.items() if k not in ("losses", "attention_losses")}
-        if log["losses"]:  # none when this run trained no UNet step
-            summary["final_loss_mean_last_200"] = float(np.mean(log["losses"][-200:]))
-        summary["device"] = str(device)
-        (out / "training_log.json").write_text(json.dumps(summary, indent=2))
+        write_training_log(out, log, device)
         print(f"exported to {out}")
     return log
+
+
+def write_training_log(folder: Path, log: dict, device: torch.device, **extra) -> None:
+    """An exported model's training_log.json: the run's counters and settings without the per-step losses, the
+    mean of the last 200 losses, the device."""
+    summary = {k: v for k, v in log.items() if k not in ("losses", "attention_losses")}
+    if log["losses"]:  # none when this run trained no denoiser step
+        summary["final_loss_mean_last_200"] = float(np.mean(log["losses"][-200:]))
+    summary.update(device=str(device), **extra)
+    (Path(folder) / "training_log.json").write_text(json.dumps(summary, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

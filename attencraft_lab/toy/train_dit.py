@@ -16,7 +16,6 @@ rerunning continues from the last one.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -33,7 +32,8 @@ from attencraft_core.api import atomic_write, record_joint_attention, resolve_de
 
 from ..machine import machine_description
 from .dit import MAX_TOKENS, build_dit_pipeline
-from .train import ATTENTION_T_MAX, BatchStream, SizedStore, localisation_loss, object_word_positions
+from .train import (ATTENTION_T_MAX, BatchStream, SizedStore, localisation_loss, object_word_positions,
+                    write_training_log)
 
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")
 
@@ -152,11 +152,7 @@ def train(work: Path, minutes: float, batch: int, seed: int, export: Path | None
         pipe.save_pretrained(export)
         for name in TRAINED:
             getattr(pipe, name).float()
-        summary = {k: v for k, v in log.items() if k not in ("losses", "attention_losses")}
-        if log["losses"]:
-            summary["final_loss_mean_last_200"] = float(np.mean(log["losses"][-200:]))
-        summary.update(device=str(device), attention_t_max=ATTENTION_T_MAX)
-        (Path(export) / "training_log.json").write_text(json.dumps(summary, indent=2))
+        write_training_log(export, log, device, attention_t_max=ATTENTION_T_MAX)
         print(f"exported to {export}")
     return log
 

@@ -639,3 +639,12 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     b.run("r")
     for name, value in trained_state(plain, a)[0].items():
         torch.testing.assert_close(trained_state(checkpointed, b)[0][name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_a_checkpoint_of_the_previous_format_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "checkpoint.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "attencraft-checkpoint/2", "info": "{}"})
+    with pytest.raises(AttenCraftError, match="earlier version of AttenCraft.*without --resume"):
+        load_checkpoint(path)

@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="learn the concepts of one image (LoRA + concept embeddings)",
                        description="Train concept embeddings and a LoRA with AttenCraft's masked and attention "
-                                   "losses. Writes <name>.safetensors (concept set), <name>_lora_kohya.safetensors, "
-                                   "<name>_c<i>.safetensors (textual inversion), masks, <name>_loss.png, "
+                                   "losses. Writes <name>.safetensors (concept set), <name>_lora_kohya.safetensors "
+                                   "(Flux: <name>_lora_diffusers.safetensors), <name>_c<i>.safetensors (textual inversion), masks, <name>_loss.png, "
                                    "<name>_train.json and checkpoint.safetensors to --out.")
     _add_model_args(p)
     _add_job_args(p)

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 from .concept_tokens import ConceptTokens
 from .concepts import Concept
-from .families import family_named
 from .errors import AttenCraftError
-from .lora import TARGETS, load_lora_state_dict, set_lora_strength, to_kohya
+from .families import family_named, family_of
+from .lora import TARGETS, load_lora_state_dict, set_lora_strength
 from .options import settings_of
 from .outputs import atomic_write
 from .settings import TrainOptions
@@ -226,14 +226,24 @@ class ConceptSet:
         require_number("LoRA strength", strength, -10, 10)
         self.check_model(comps)
         ConceptTokens.add(comps, self.concepts).set_rows(self.embeddings)
-        load_lora_state_dict(comps.denoiser, self.lora, self.rank, self.alpha, self.targets)
+        load_lora_state_dict(comps.denoiser, self.lora, self.rank, self.alpha, self.targets,
+                             family_of(comps).lora_targets())
         set_lora_strength(comps.denoiser, strength)
 
-    def save_kohya(self, path: str | Path) -> Path:
-        """The LoRA in kohya format (what ComfyUI's LoraLoader and A1111 read), alpha = the real LoRA alpha."""
+    def comfy_lora(self) -> dict[str, torch.Tensor]:
+        """The LoRA as ComfyUI's LoraLoader reads it (the family's format: kohya names for a UNet, which A1111
+        also reads; diffusers' `transformer.` names for Flux), alpha = the real LoRA alpha."""
+        return family_named(self.family).export_lora(self.lora, self.alpha)
+
+    @property
+    def lora_format(self) -> str:
+        return family_named(self.family).lora_format
+
+    def save_lora(self, path: str | Path) -> Path:
+        """The LoRA file ComfyUI's LoraLoader reads (see comfy_lora)."""
         meta = {"ss_network_dim": str(self.rank), "ss_network_alpha": str(self.alpha),
                 "attencraft_concepts": json.dumps(self.placeholders)}
-        return _save_safetensors(Path(path), to_kohya(self.lora, self.alpha), meta)
+        return _save_safetensors(Path(path), self.comfy_lora(), meta)
 
     def save_embedding(self, index: int, path: str | Path) -> Path:
         """Concept `index` as a textual-inversion file, one [1, width] row per text tower under the key
@@ -245,10 +255,12 @@ class ConceptSet:
                                  {"word": concept.word, "placeholder": concept.placeholder})
 
     def export(self, out_dir: str | Path, name: str) -> dict[str, Path]:
-        """Write the concept set, the kohya LoRA and one textual-inversion file per concept into one folder."""
+        """Write the concept set, the LoRA (`<name>_lora_kohya`, or `<name>_lora_diffusers` for Flux) and one
+        textual-inversion file per concept into one folder."""
         out = Path(out_dir)
+        lora = f"lora_{self.lora_format}"
         files = {"concepts": self.save(out / f"{name}.safetensors"),
-                 "lora_kohya": self.save_kohya(out / f"{name}_lora_kohya.safetensors")}
+                 lora: self.save_lora(out / f"{name}_{lora}.safetensors")}
         for i, concept in enumerate(self.concepts):
             files[concept.placeholder] = self.save_embedding(i, out / f"{name}_c{i}.safetensors")
         return files

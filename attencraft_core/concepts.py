@@ -87,10 +87,11 @@ def tokenize_prompt(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(prompt, padding="max_length", max_length=limit, return_tensors="pt").input_ids
 
 
-def token_positions(tokenizer, prompt: str, placeholders: list[str]) -> dict[str, int]:
-    """Index of each placeholder token in the tokenized prompt, plus "<sot>" for the start-of-text token."""
+def token_positions(tokenizer, prompt: str, placeholders: list[str], start_token: bool = True) -> dict[str, int]:
+    """Index of each placeholder token in the tokenized prompt, plus "<sot>" for the start-of-text token if the
+    tokenizer puts one first (CLIP does, T5 does not)."""
     ids = tokenize_prompt(tokenizer, prompt)[0].tolist()
-    positions = {"<sot>": 0}
+    positions = {"<sot>": 0} if start_token else {}
     for placeholder in placeholders:
         token_id = tokenizer.convert_tokens_to_ids(placeholder)
         if ids.count(token_id) != 1:

@@ -1,4 +1,4 @@
-"""Text-to-image generation with the components (DDIM, classifier-free guidance), and the class-image cache."""
+"""Text-to-image generation with the components (the family's sampler and guidance), and the class-image cache."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from .validation import require_number, require_seed
 
 
 def make_pipeline(comps: SDComponents):
-    """The family's diffusers pipeline over the same modules, with a DDIM scheduler."""
-    from diffusers import DDIMScheduler  # on use (see lora.py)
-
-    pipe = family_of(comps).pipeline(comps, DDIMScheduler.from_config(comps.noise_scheduler.config))
+    """The family's diffusers pipeline over the same modules, with its sampling scheduler."""
+    family = family_of(comps)
+    pipe = family.pipeline(comps, family.sampling_scheduler(comps))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -51,7 +50,7 @@ def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int 
     for prompt in prompts:
         tokenize_prompt(comps.tokenizer, prompt)  # readable error for over-long prompts
     size = resolution or comps.native_resolution
-    pipe = make_pipeline(comps)
+    pipe, family = make_pipeline(comps), family_of(comps)
     images, total = [], len(prompts) * steps
     progress("generating", 0, total)
     with torch.no_grad():
@@ -61,11 +60,9 @@ def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int 
                 return tensors
 
             generator = torch.Generator("cpu").manual_seed(seed + i)
-            latents = torch.randn((1, comps.denoiser.config.in_channels, size // comps.vae_scale_factor,
+            latents = torch.randn((1, comps.vae.config.latent_channels, size // comps.vae_scale_factor,
                                    size // comps.vae_scale_factor), generator=generator)
-            result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
-                          height=size, width=size, latents=latents.to(comps.device, comps.dtype),
-                          callback_on_step_end=step_done, output_type="latent").images
+            result = family.sample(pipe, comps, prompt, negative_prompt, steps, cfg, latents, step_done)
             images += pipe.image_processor.postprocess(decode_latents(comps, result), output_type="pil")
     return images
 
@@ -74,7 +71,8 @@ def model_fingerprint(comps: SDComponents) -> str:
     """Short hash of a few weights of each module that makes an image (the VAE's decoder too: a checkpoint used
     with another VAE draws other pixels): tells two models apart without hashing gigabytes."""
     h = hashlib.sha256()
-    for tensor in (comps.denoiser.conv_in.weight, comps.text_encoder.get_input_embeddings().weight[:64],
+    first = getattr(comps.denoiser, "conv_in", None) or comps.denoiser.x_embedder  # a UNet's, a transformer's
+    for tensor in (first.weight, comps.text_encoder.get_input_embeddings().weight[:64],
                    comps.vae.decoder.conv_out.weight):
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

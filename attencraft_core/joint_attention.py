@@ -1,10 +1,12 @@
 """Recording a diffusion transformer's joint attention (Flux's double-stream blocks), the maps the method reads.
 
 In a joint-attention block, text and image tokens attend over one sequence [text; image]. For each image token
-(query) the recorder keeps its attention over the text tokens ("cross", renormalised over the text keys, so
-that it is a distribution as a UNet's cross-attention is) and over the image tokens ("self", renormalised over
-the image keys), head-averaged, in an `AttentionStore`. Layers not recorded keep diffusers' own processor.
-Groundwork of the Flux family (issue #22): not yet used by masks or training.
+(query) the recorder keeps its attention over the text tokens ("cross") and over the image tokens ("self"), each
+renormalised over those keys, so that each is a distribution as a UNet's cross- and self-attention are, averaged
+over heads, in an `AttentionStore`. A renormalised part of a softmax is the softmax of that part's scores, so
+the maps come from image-query x text-key (and image-key) scores only: the block's output itself is fused
+scaled-dot-product attention, and training never holds a full joint probability matrix. Blocks not recorded keep
+diffusers' own processor.
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from .attention import AttentionStore
 
 
 class JointAttentionRecorder:
-    """Flux attention (the computation of diffusers' FluxAttnProcessor) with explicit probabilities, recorded
-    into `store` for the image queries. Blocks without separate text states (single-stream) are refused: their
-    text length is not known to the processor."""
+    """Flux attention (the computation of diffusers' FluxAttnProcessor) that also records, for the image queries,
+    the attention `kinds` ("cross": over the text keys, "self": over the image keys) into `store`. Blocks without
+    separate text states (single-stream) are refused: their text length is not known to the processor."""
 
-    def __init__(self, store: AttentionStore):
-        self.store = store
+    def __init__(self, store: AttentionStore, kinds: tuple[str, ...] = ("cross", "self")):
+        self.store, self.kinds = store, kinds
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb  # on use (see lora.py)
@@ -43,15 +46,14 @@ class JointAttentionRecorder:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        # [B, S, H, D] -> probabilities [B, H, S, S] over the joint sequence
-        scores = torch.einsum("bshd,bthd->bhst", query, key) * attn.head_dim ** -0.5
-        probs = scores.float().softmax(dim=-1).to(query.dtype)
-        out = torch.einsum("bhst,bthd->bshd", probs, value).flatten(2, 3).to(query.dtype)
-        n_text, heads = encoder_hidden_states.shape[1], probs.shape[1]
-        image_rows = probs[:, :, n_text:].float()
-        for kind, part in (("cross", image_rows[..., :n_text]), ("self", image_rows[..., n_text:])):
-            part = part / part.sum(-1, keepdim=True).clamp_min(1e-12)
-            self.store.add(kind, part.flatten(0, 1), heads)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D]
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2, 3).to(query.dtype)
+        n_text, heads = encoder_hidden_states.shape[1], q.shape[1]
+        image_queries = q[:, :, n_text:]
+        for kind in self.kinds:
+            keys = k[:, :, :n_text] if kind == "cross" else k[:, :, n_text:]
+            scores = (image_queries @ keys.transpose(-1, -2)).float() * attn.head_dim ** -0.5
+            self.store.add(kind, scores.softmax(dim=-1).flatten(0, 1), heads)
         text_out, image_out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
         image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
         return image_out, attn.to_add_out(text_out.contiguous())
@@ -63,12 +65,14 @@ def double_stream_processors(transformer) -> list[str]:
 
 
 @contextlib.contextmanager
-def record_joint_attention(transformer, store: AttentionStore, blocks: list[int] | None = None):
-    """Record the chosen double-stream blocks (all when None) into `store`; restore the processors on exit."""
+def record_joint_attention(transformer, store: AttentionStore, blocks: list[int] | None = None,
+                           kinds: tuple[str, ...] = ("cross", "self")):
+    """Record `kinds` in the chosen double-stream blocks (all when None; negative indices count from the last)
+    into `store`; restore the processors on exit."""
     names = double_stream_processors(transformer)
     chosen = set(names if blocks is None else [names[i] for i in blocks])
     previous = transformer.attn_processors
-    transformer.set_attn_processor({name: JointAttentionRecorder(store) if name in chosen else processor
+    transformer.set_attn_processor({name: JointAttentionRecorder(store, kinds) if name in chosen else processor
                                     for name, processor in previous.items()})
     try:
         yield store

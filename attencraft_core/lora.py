@@ -22,15 +22,17 @@ TARGETS = {
 }
 
 
-def add_lora(unet, rank: int = 16, alpha: float | None = None, targets: str = "kv", seed: int = 0) -> None:
-    """Wrap the target layers with trainable LoRA (base weights stay frozen); alpha defaults to the rank."""
+def add_lora(unet, rank: int = 16, alpha: float | None = None, targets: str = "kv", seed: int = 0,
+             patterns: dict[str, str] = TARGETS) -> None:
+    """Wrap the target layers (`patterns[targets]`, the family's regex; a UNet's by default) with trainable LoRA
+    (base weights stay frozen); alpha defaults to the rank."""
     from peft import LoraConfig  # on use (see the module docstring)
 
-    if targets not in TARGETS:
-        raise AttenCraftError(f"Unknown LoRA targets {targets!r}: use one of {', '.join(TARGETS)}.")
+    if targets not in patterns:
+        raise AttenCraftError(f"Unknown LoRA targets {targets!r}: use one of {', '.join(patterns)}.")
     if rank < 1:
         raise AttenCraftError(f"LoRA rank must be at least 1, got {rank}.")
-    pattern = re.compile(TARGETS[targets])
+    pattern = re.compile(patterns[targets])
     widths = [min(m.in_features, m.out_features) for n, m in unet.named_modules()
               if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n)]
     if widths and rank > min(widths):
@@ -38,7 +40,7 @@ def add_lora(unet, rank: int = 16, alpha: float | None = None, targets: str = "k
                               f"features): a rank above that adds nothing but memory. Use {min(widths)} or less "
                               "(16 is the default).")
     config = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank),
-                        target_modules=TARGETS[targets], init_lora_weights=True)
+                        target_modules=patterns[targets], init_lora_weights=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet.add_adapter(config, adapter_name=ADAPTER)
@@ -74,10 +76,11 @@ def copy_lora_weights(unet, state: dict[str, torch.Tensor]) -> None:
         set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
 
 
-def load_lora_state_dict(unet, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: str) -> None:
+def load_lora_state_dict(unet, state: dict[str, torch.Tensor], rank: int, alpha: float, targets: str,
+                         patterns: dict[str, str] = TARGETS) -> None:
     """Add the adapter (if missing), copy weights from a lora_state_dict and freeze everything."""
     if not any("lora_" in n for n, _ in unet.named_parameters()):
-        add_lora(unet, rank, alpha, targets)
+        add_lora(unet, rank, alpha, targets, patterns=patterns)
     copy_lora_weights(unet, state)
     for param in unet.parameters():
         param.requires_grad_(False)

@@ -38,6 +38,12 @@ def token_maps(cross: torch.Tensor, token_idx: list[int], cross_hw: tuple[int, i
     return minmax(maps, dims=(1, 2))
 
 
+def derived_background(maps: torch.Tensor) -> torch.Tensor:
+    """The background map [h, w] of a model without a start token (T5): 1 - the largest concept map [N, h, w],
+    min-max normalised, high where no concept attends."""
+    return minmax(1 - maps.amax(dim=0))
+
+
 def affinity(self_attn: torch.Tensor, power: int = 4) -> torch.Tensor:
     """Self-attention [Q, Q] min-max normalised, raised to a matrix power, min-max normalised again."""
     a = minmax(self_attn.float())

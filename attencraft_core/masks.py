@@ -1,4 +1,8 @@
-"""Mask initialization: where each concept is, from one UNet forward pass on the noised image."""
+"""Mask initialization: where each concept is, from one denoiser pass on the noised image.
+
+The background map is the start token's attention where the text encoder has one (CLIP); for a model without one
+(Flux's T5) it is derived from the concepts' maps (mask_math.derived_background).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import mask_math
-from .attention import AttentionStore, capture_attention, map_side
+from .attention import AttentionStore, map_side
 from .concept_tokens import ConceptTokens
-from .concepts import Concept, concepts_prompt, token_positions
+from .concepts import Concept, concepts_prompt
 from .devices import free_memory
 from .encoding import encode_images, encode_prompts
 from .errors import AttenCraftError
@@ -33,8 +37,8 @@ class MaskResult:
 
     concepts: list[Concept]
     masks_lowres: torch.Tensor        # [N, h, w] bool, h = latent/2
-    maps: torch.Tensor                # [N + 1, h, w] propagated maps, index 0 = background (start token)
-    token_attention: torch.Tensor     # [N + 1, h, w] normalised cross-attention, index 0 = start token
+    maps: torch.Tensor                # [N + 1, h, w] propagated maps, index 0 = background
+    token_attention: torch.Tensor     # [N + 1, h, w] normalised cross-attention, index 0 = background
     scores: torch.Tensor              # [N] mean attention of each token inside its own mask
     timestep: int
     margins: torch.Tensor             # [N] own token's mean attention in its region minus the best other token's
@@ -66,10 +70,10 @@ def sample_timestep_and_noise(shape, opts: MaskOptions, generator: torch.Generat
     return t, torch.randn(shape, generator=generator)
 
 
-def check_affinity_memory(latent_hw, opts: MaskOptions, device: torch.device) -> None:
+def check_affinity_memory(latent_hw, self_factor: int, device: torch.device) -> None:
     """Refuse, before allocating, a resolution whose self-attention affinity (Q x Q at latent/self_factor, a few
     copies for the matrix power) would not fit in the device's free memory."""
-    queries = (latent_hw[0] // opts.self_factor) * (latent_hw[1] // opts.self_factor)
+    queries = (latent_hw[0] // self_factor) * (latent_hw[1] // self_factor)
     need = 4 * queries * queries * 4  # float32, about four Q x Q matrices at once
     free = free_memory(device)
     if free is not None and need > free:
@@ -81,33 +85,36 @@ def check_affinity_memory(latent_hw, opts: MaskOptions, device: torch.device) ->
 
 def concept_attention(comps: SDComponents, latents: torch.Tensor, concepts: list[Concept], opts: MaskOptions,
                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One UNet pass with the all-concepts prompt on noised latents [1, C, h, w].
+    """One denoiser pass with the all-concepts prompt on noised latents [1, C, h, w].
 
-    Returns the normalised cross-attention maps [N + 1, h, w] (start token first) at self-attention
+    Returns the normalised cross-attention maps [N + 1, h, w] (background first) at self-attention
     resolution, the self-attention [h*w, h*w] and the timestep used.
     """
+    family = family_of(comps)
     opts.check(comps.noise_scheduler.config.num_train_timesteps)
     placeholders = [c.placeholder for c in concepts]
     prompt = concepts_prompt(placeholders)
-    positions = token_positions(comps.tokenizer, prompt, placeholders)
-    check_affinity_memory(latents.shape[-2:], opts, comps.device)
+    positions = family.token_positions(comps, prompt, placeholders)
+    check_affinity_memory(latents.shape[-2:], family.self_attention_factor(opts), comps.device)
     t, noise = sample_timestep_and_noise(latents.shape, opts, generator)
-    timesteps = torch.tensor([t], device=comps.device)
-    noisy = comps.noise_scheduler.add_noise(latents, noise.to(latents), timesteps)
+    noisy, timesteps = family.noised(comps, latents, noise.to(latents), t)
     store = AttentionStore(rows=[0])
-    with torch.no_grad(), capture_attention(comps.denoiser, store, opts.cross_factor, opts.self_factor):
-        family_of(comps).predict(comps, noisy, timesteps, encode_prompts(comps, [prompt], latents))
+    with torch.no_grad(), family.record_attention(comps, store, opts):
+        family.predict(comps, noisy, timesteps, encode_prompts(comps, [prompt], latents))
         cross, self_attn = store.mean("cross")[0], store.mean("self")[0]
     aspect = latents.shape[-1] / latents.shape[-2]
     cross_hw, self_hw = map_side(cross.shape[0], aspect), map_side(self_attn.shape[0], aspect)
-    token_idx = [positions["<sot>"]] + [positions[p] for p in placeholders]
-    return mask_math.token_maps(cross, token_idx, cross_hw, self_hw), self_attn, t
+    token_idx = [positions[p] for p in placeholders]
+    if "<sot>" in positions:
+        return mask_math.token_maps(cross, [positions["<sot>"]] + token_idx, cross_hw, self_hw), self_attn, t
+    maps = mask_math.token_maps(cross, token_idx, cross_hw, self_hw)
+    return torch.cat([mask_math.derived_background(maps)[None], maps]), self_attn, t
 
 
 def masks_from_latents(comps: SDComponents, latents: torch.Tensor, concepts: list[Concept],
                        opts: MaskOptions, generator: torch.Generator, progress: Progress = no_progress) -> MaskResult:
-    """The paper's mask initialization on latents [1, C, h, w]: one UNet pass, then the mask rule.
-    `progress` is told ("masks", 1, 2) after the UNet pass and ("masks", 2, 2) at the end."""
+    """The paper's mask initialization on latents [1, C, h, w]: one denoiser pass, then the mask rule.
+    `progress` is told ("masks", 1, 2) after the denoiser pass and ("masks", 2, 2) at the end."""
     attention, self_attn, t = concept_attention(comps, latents, concepts, opts, generator)
     progress("masks", 1, 2)
     maps = mask_math.propagate(mask_math.affinity(self_attn, opts.affinity_power), attention)

@@ -1,4 +1,4 @@
-"""Loading a Stable Diffusion 1.x/2.x or SDXL component set from a local diffusers folder."""
+"""Loading a Stable Diffusion 1.x/2.x, SDXL or Flux.1 component set from a local diffusers folder."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .validation import first_non_finite
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+FLUX_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 SD_NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                          clip_sample=False, steps_offset=1)  # Stable Diffusion 1.x/2.x's training schedule
 
@@ -31,18 +32,18 @@ def sd_noise_scheduler(prediction_type: str = "epsilon"):
 class SDComponents:
     """The modules the method works on. The core may add tokens to `tokenizer`; callers own copies."""
 
-    denoiser: "torch.nn.Module"  # the UNet (SD 1.x/2.x, SDXL)
+    denoiser: "torch.nn.Module"  # the UNet (SD 1.x/2.x, SDXL) or the transformer (Flux)
     vae: "torch.nn.Module"
     text_encoder: "torch.nn.Module"
     tokenizer: object
     noise_scheduler: object
     source: str = ""
-    text_encoder_2: "torch.nn.Module | None" = None  # SDXL's second text tower (OpenCLIP-bigG, with projection)
+    text_encoder_2: "torch.nn.Module | None" = None  # SDXL's OpenCLIP-bigG (with projection), Flux's T5
     tokenizer_2: object = None
 
     @property
     def family(self) -> str:
-        """"sd1", "sd2", "custom-<dim>" or "sdxl" (see families/)."""
+        """"sd1", "sd2", "custom-<dim>", "sdxl" or "flux" (see families/)."""
         return family_of(self).name(self)
 
     @property
@@ -83,12 +84,32 @@ def _read_json(path: Path) -> dict:
         raise AttenCraftError(f"Cannot read {path}: {exc}. Is the model folder complete?") from exc
 
 
-SUPPORTED = "Stable Diffusion 1.x, 2.x or SDXL (base and its fine-tunes)"
+SUPPORTED = "Stable Diffusion 1.x, 2.x, SDXL (base and its fine-tunes) or Flux.1 (dev, schnell and their fine-tunes)"
+
+
+def check_flux_dir(root: Path) -> Path:
+    """Check a diffusers folder with a transformer: Flux.1 text-to-image (FluxPipeline) only."""
+    index = root / "model_index.json"
+    cls = _read_json(index).get("_class_name", "") if index.is_file() else ""
+    if cls and cls != "FluxPipeline":
+        raise AttenCraftError(f"{root} is a {cls} model; AttenCraft supports {SUPPORTED} text-to-image models "
+                              "(Flux Fill, Canny, Depth, Kontext and Redux are other tasks).")
+    missing = [p for p in FLUX_PARTS if not (root / p).is_dir()]
+    if missing:
+        raise AttenCraftError(f"Flux model folder {root} is missing {', '.join(missing)}. A diffusers Flux folder "
+                              f"has the sub-folders {', '.join(FLUX_PARTS)}; re-export or re-copy the model.")
+    config = _read_json(root / "transformer" / "config.json")
+    if config.get("_class_name") != "FluxTransformer2DModel" or config.get("in_channels") != 64:
+        raise AttenCraftError(f"{root}/transformer is a {config.get('_class_name')} with "
+                              f"{config.get('in_channels')} input channels, not Flux.1's text-to-image "
+                              f"FluxTransformer2DModel (64); AttenCraft supports {SUPPORTED}.")
+    return root
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
-    """Check that `model_dir` looks like a local diffusers SD 1.x/2.x or SDXL folder, with a readable error if
-    not (SD3, Flux, the SDXL refiner, EDM-type models such as Playground 2.5 and video models are refused)."""
+    """Check that `model_dir` looks like a local diffusers SD 1.x/2.x, SDXL or Flux.1 folder, with a readable
+    error if not (SD3, Flux's other tasks, the SDXL refiner, EDM-type models such as Playground 2.5 and video
+    models are refused)."""
     root = Path(model_dir).expanduser()
     if root.is_file() and root.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
         raise AttenCraftError(
@@ -101,10 +122,11 @@ def check_model_dir(model_dir: str | Path) -> Path:
         raise AttenCraftError(
             f"Model folder {str(root)!r} does not exist. Pass a local diffusers folder "
             "(with unet/, vae/, text_encoder/, tokenizer/ and scheduler/); nothing is downloaded.")
-    if (root / "transformer").is_dir() or (root / "text_encoder_3").is_dir():
-        raise AttenCraftError(
-            f"{root} holds a transformer-based model (SD3/Flux style). AttenCraft supports {SUPPORTED} models "
-            "(a UNet2DConditionModel).")
+    if (root / "text_encoder_3").is_dir():
+        raise AttenCraftError(f"{root} is a Stable Diffusion 3 model (three text encoders); AttenCraft supports "
+                              f"{SUPPORTED}.")
+    if (root / "transformer").is_dir():
+        return check_flux_dir(root)
     index = root / "model_index.json"
     if index.is_file():
         cls = _read_json(index).get("_class_name", "")
@@ -172,26 +194,43 @@ def quiet_library_logs():
         transformers_logging.set_verbosity(levels[1])
 
 
-def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, progress: Progress = no_progress) -> SDComponents:
-    """Load UNet, VAE, CLIP text encoder(s), tokenizer(s) and a DDPM noise scheduler, offline; `progress` is
-    told ("loading <folder>", parts loaded, parts)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # on use (see lora.py)
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def part_loaders(root: Path, dtype: torch.dtype) -> dict:
+    """How to load each sub-folder of the model (offline): the denoiser and text towers in `dtype`, the VAE in
+    float32, the training noise scheduler."""
+    from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler,  # on use (see lora.py)
+                           FluxTransformer2DModel, UNet2DConditionModel)
+    from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,
+                              T5TokenizerFast)
 
-    root = check_model_dir(model_dir)
-    parts = {}
     loaders = {
         "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True),
         "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, local_files_only=True, dtype=dtype),
         "vae": lambda p: AutoencoderKL.from_pretrained(p, local_files_only=True, torch_dtype=torch.float32),
-        "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype),
-        "scheduler": lambda p: DDPMScheduler.from_pretrained(p, local_files_only=True),
     }
+    if (root / "transformer").is_dir():
+        return loaders | {
+            "tokenizer_2": lambda p: T5TokenizerFast.from_pretrained(p, local_files_only=True),
+            "text_encoder_2": lambda p: T5EncoderModel.from_pretrained(p, local_files_only=True, dtype=dtype),
+            "transformer": lambda p: FluxTransformer2DModel.from_pretrained(p, local_files_only=True,
+                                                                            torch_dtype=dtype),
+            "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(p, local_files_only=True)}
+    loaders |= {
+        "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype),
+        "scheduler": lambda p: DDPMScheduler.from_pretrained(p, local_files_only=True)}
     if (root / "text_encoder_2").is_dir():
         loaders["tokenizer_2"] = lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True)
         loaders["text_encoder_2"] = lambda p: CLIPTextModelWithProjection.from_pretrained(
             p, local_files_only=True, dtype=dtype)
+    return loaders
+
+
+def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, progress: Progress = no_progress) -> SDComponents:
+    """Load the denoiser (UNet or Flux transformer), VAE, text encoder(s), tokenizer(s) and the training noise
+    scheduler, offline; `progress` is told ("loading <folder>", parts loaded, parts)."""
+    root = check_model_dir(model_dir)
+    parts = {}
+    loaders = part_loaders(root, dtype)
     phase = f"loading {root.name}"
     progress(phase, 0, len(loaders))
     for i, (name, load) in enumerate(loaders.items(), 1):
@@ -203,14 +242,13 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
         if isinstance(parts[name], torch.nn.Module):
             check_loaded_weights(name, root / name, parts[name])
         progress(phase, i, len(loaders))
-    comps = SDComponents(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+    denoiser = parts.get("unet", parts.get("transformer"))
+    comps = SDComponents(denoiser, parts["vae"], parts["text_encoder"], parts["tokenizer"],
                          parts["scheduler"], source=str(root), text_encoder_2=parts.get("text_encoder_2"),
                          tokenizer_2=parts.get("tokenizer_2"))
-    width = sum(m.config.hidden_size for m in comps.text_modules)
-    if comps.denoiser.config.cross_attention_dim != width:
-        raise AttenCraftError(
-            f"{root}: the UNet expects {comps.denoiser.config.cross_attention_dim}-d text features but the text "
-            f"encoders give {width}-d: components from different models.")
+    mismatch = family_of(comps).text_width_mismatch(comps)
+    if mismatch:
+        raise AttenCraftError(f"{root}: {mismatch}: components from different models.")
     for module in (comps.denoiser, comps.vae, *comps.text_modules):
         module.requires_grad_(False).eval()
     comps.to(torch.device(device), dtype)

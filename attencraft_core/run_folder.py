@@ -107,7 +107,7 @@ def snapshots(folder: str | Path, name: str) -> list[Path]:
 
 def earlier_run_files(folder: str | Path) -> list[Path]:
     """What a training run left in `folder`: each concept set (final or step snapshot) with every file named
-    after it (kohya LoRA, embeddings, masks, loss curve, log, previews) and the resumable checkpoint. Other
+    after it (LoRA, embeddings, masks, loss curve, log, previews) and the resumable checkpoint. Other
     files are not counted."""
     folder = Path(folder)
     found = {p for p in (folder / "checkpoint.safetensors", folder / "checkpoint.pt") if p.is_file()}
@@ -117,8 +117,8 @@ def earlier_run_files(folder: str | Path) -> list[Path]:
         found.add(concept_set)
         snapshot = SNAPSHOT.fullmatch(concept_set.stem)
         name = glob.escape(snapshot.group(1) if snapshot else concept_set.stem)
-        for pattern in (f"{name}_lora_kohya.safetensors", f"{name}_c*.safetensors", f"{name}_mask_*.png",
-                        f"{name}_loss.png", f"{name}_train.json", f"{name}_preview_*.png"):
+        for pattern in (f"{name}_lora_kohya.safetensors", f"{name}_lora_diffusers.safetensors", f"{name}_c*.safetensors",
+                        f"{name}_mask_*.png", f"{name}_loss.png", f"{name}_train.json", f"{name}_preview_*.png"):
             found.update(folder.glob(pattern))
     return sorted(found)
 

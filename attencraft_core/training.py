@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from . import mask_math
-from .attention import AttentionStore, capture_attention, map_side
+from .attention import AttentionStore, map_side
 from .checkpoint import (CHECKPOINT, load_checkpoint, optimizer_from_flat, optimizer_to_flat, refuse_legacy,
                          save_checkpoint)
 from .concept_file import ConceptSet
 from .concept_tokens import ConceptTokens
-from .concepts import Concept, concepts_prompt, token_positions
+from .concepts import Concept, concepts_prompt
 from .encoding import cat_conditioning, encode_images, encode_prompts
 from .errors import AttenCraftError
 from .families import family_of
@@ -139,7 +139,8 @@ def attach_trainables(comps: SDComponents, tokens: ConceptTokens, opts: TrainOpt
     """Seeded LoRA on the UNet's target layers, learned concept rows, and AdamW (weight decay on LoRA only)."""
     from diffusers.training_utils import cast_training_params  # on use (see lora.py)
 
-    add_lora(comps.denoiser, opts.rank, opts.alpha, opts.targets, seed=opts.seed)
+    add_lora(comps.denoiser, opts.rank, opts.alpha, opts.targets, seed=opts.seed,
+             patterns=family_of(comps).lora_targets())
     cast_training_params(comps.denoiser, torch.float32)  # PEFT gives the adapter the base layer's dtype
     if opts.gradient_checkpointing:
         comps.denoiser.enable_gradient_checkpointing()
@@ -210,17 +211,17 @@ class Trainer:
         chosen = self.sampler.sample()
         placeholders = [self.concepts[i].placeholder for i in chosen]
         prompt = concepts_prompt(placeholders)
-        positions = token_positions(comps.tokenizer, prompt, placeholders)
+        family = family_of(comps)
+        positions = family.token_positions(comps, prompt, placeholders)
         latents, cond = self.latents, encode_prompts(comps, [prompt], self.latents)
         if o.prior_weight > 0:
             pick = int(torch.randint(len(self.class_latents), (1,), generator=self.generator))
             latents = torch.cat([latents, self.class_latents[pick:pick + 1]])
             cond = cat_conditioning(cond, self.class_conditioning())
-        family = family_of(comps)
         noisy, t, target = family.training_sample(comps, latents, self.generator)
         store = AttentionStore(rows=[0])
         # the recording processors stay installed through backward: gradient checkpointing reruns them
-        with capture_attention(comps.denoiser, store, o.masks.cross_factor, None, detach_sot=True):
+        with family.record_attention(comps, store, o.masks, kinds=("cross",), detach_background=True):
             pred = family.predict(comps, noisy, t, cond)
             latent_mask = self.loss_mask(chosen, latents.shape[-2:]).to(self.device)
             losses = {"instance": masked_diffusion_loss(pred[:1], target[:1], latent_mask if o.masked_loss else None,
@@ -230,10 +231,11 @@ class Trainer:
             if o.attention_weight > 0:
                 cross = store.mean("cross")[0]
                 cross_hw = map_side(cross.shape[0], latents.shape[-1] / latents.shape[-2])
-                background = ~self.masks.any(0)
-                targets = torch.stack([background] + [self.masks[i] for i in chosen]).to(self.device)
-                token_idx = [positions["<sot>"]] + [positions[p] for p in placeholders]
-                losses["attention"] = attention_loss(cross, token_idx, cross_hw, targets)
+                targets = [self.masks[i] for i in chosen]
+                token_idx = [positions[p] for p in placeholders]
+                if "<sot>" in positions:  # the start token's attention is pulled towards the background
+                    targets, token_idx = [~self.masks.any(0)] + targets, [positions["<sot>"]] + token_idx
+                losses["attention"] = attention_loss(cross, token_idx, cross_hw, torch.stack(targets).to(self.device))
             total = (losses["instance"] + o.prior_weight * losses.get("prior", 0.0)
                      + o.attention_weight * losses.get("attention", 0.0))
             if not torch.isfinite(total):

@@ -110,8 +110,8 @@ def comfy_file_paths(name: str, loras_dir: str | Path, sets_dir: str | Path) -> 
 
 
 def write_comfy_files(concept_set: ConceptSet, paths: dict[str, Path]) -> dict[str, Path]:
-    """The kohya LoRA and the concept set, atomically (the embeddings: write_embeddings)."""
-    concept_set.save_kohya(paths["lora"])
+    """The LoRA and the concept set, atomically (the embeddings: write_embeddings)."""
+    concept_set.save_lora(paths["lora"])
     concept_set.save(paths["concept_set"])
     return paths
 

@@ -3,8 +3,15 @@
 Context = T5's last hidden state, pooled = CLIP-L's pooled output, as diffusers' FluxPipeline computes them (T5
 padded to its tokenizer's model_max_length); dev's guidance embedding gets a fixed guidance value. Rectified
 flow: noisy = (1 - s) x + s e with s logit-normal and shifted for the image's token count as Flux's scheduler
-shifts it, target e - x. The transformer reads latents packed into 2x2 patches. Groundwork of issue #22: masks
-and training do not run on Flux yet, and the model loader and the ComfyUI bridge still refuse Flux models.
+shifts it, target e - x. The transformer reads latents packed into 2x2 patches.
+
+Attention: the double-stream blocks' image-query x text-key attention is the cross-attention the method reads,
+and image-query x image-key the self-attention, both on the 2x2-patch grid (latent/2). T5 has no start token, so
+no token stands for the background: the masks derive it from the concepts' maps (see masks.py), and the attention
+loss has no background term. Training timestep t of the mask options is the noise level sigma = t / 1000.
+LoRA goes on the double-stream blocks' attention (`kv`: the key and value projections of both streams), and on
+the single-stream blocks' too with `attn`/`all`; it is exported with diffusers' `transformer.<module>` names,
+which ComfyUI's LoRA loader reads for Flux.
 """
 
 from __future__ import annotations
@@ -13,12 +20,26 @@ import math
 
 import torch
 
-from ..concepts import tokenize_prompt
+from ..concepts import token_positions, tokenize_prompt
+from ..joint_attention import record_joint_attention
 
 GUIDANCE = 3.5  # FluxPipeline's default embedded guidance (dev)
+MASK_BLOCKS = None  # the double-stream blocks whose attention the method reads (None: all)
+PATCH = 2  # the transformer's tokens are 2x2 latent patches
+DOUBLE = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+SINGLE = r"single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"
+FEED_FORWARD = r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out)"
+LORA_TARGETS = {  # regexes over the transformer's module names (PEFT matches them in full)
+    "kv": r"transformer_blocks\.\d+\.attn\.(to_k|to_v|add_k_proj|add_v_proj)",
+    "qkvo": DOUBLE,
+    "attn": f"{DOUBLE}|{SINGLE}",
+    "all": f"{DOUBLE}|{SINGLE}|{FEED_FORWARD}",
+}
 
 
 class Flux:
+    lora_format = "diffusers"
+
     def recognises(self, config) -> bool:
         return getattr(config, "joint_attention_dim", None) is not None
 
@@ -34,6 +55,14 @@ class Flux:
     def embedding_keys(self, name: str) -> list[str]:
         return ["clip_l", "t5xxl"]
 
+    def text_width_mismatch(self, comps) -> str | None:
+        config = comps.denoiser.config
+        t5, clip = comps.text_encoder_2.config.d_model, comps.text_encoder.config.hidden_size
+        if (t5, clip) == (config.joint_attention_dim, config.pooled_projection_dim):
+            return None
+        return (f"the transformer expects {config.joint_attention_dim}-d T5 and {config.pooled_projection_dim}-d "
+                f"pooled CLIP features but the text encoders give {t5}-d and {clip}-d")
+
     def native_resolution(self, comps) -> int:
         return int(comps.vae.config.sample_size)  # the transformer has no size of its own
 
@@ -45,6 +74,33 @@ class Flux:
         if comps.denoiser.config.guidance_embeds:
             conditioning["guidance"] = torch.full([len(prompts)], GUIDANCE, device=comps.device)
         return conditioning
+
+    def token_positions(self, comps, prompt: str, placeholders: list[str]) -> dict[str, int]:
+        """Each placeholder's index among the T5 tokens (the text keys of the joint attention); no "<sot>"."""
+        return token_positions(comps.tokenizer_2, prompt, placeholders, start_token=False)
+
+    def self_attention_factor(self, opts) -> int:
+        return PATCH
+
+    def record_attention(self, comps, store, opts, kinds=("cross", "self"), detach_background: bool = False):
+        return record_joint_attention(comps.denoiser, store, MASK_BLOCKS, kinds)
+
+    def noised(self, comps, latents: torch.Tensor, noise: torch.Tensor, t: int):
+        sigma = torch.full((len(latents),), t / comps.noise_scheduler.config.num_train_timesteps,
+                           device=latents.device, dtype=latents.dtype)
+        s = sigma.view(-1, 1, 1, 1)
+        return (1 - s) * latents + s * noise, sigma
+
+    def lora_targets(self) -> dict[str, str]:
+        return LORA_TARGETS
+
+    def export_lora(self, state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+        """diffusers' names under `transformer.` (what ComfyUI reads for Flux), with each module's alpha."""
+        out = {f"transformer.{k}": v for k, v in state.items()}
+        for key in state:
+            if key.endswith(".lora_A.weight"):
+                out[f"transformer.{key.removesuffix('.lora_A.weight')}.alpha"] = torch.tensor(float(alpha))
+        return out
 
     def training_sample(self, comps, latents: torch.Tensor, generator: torch.Generator):
         """(noisy latents, sigmas, target) of rectified flow; the sigmas are what the transformer takes as its
@@ -72,6 +128,29 @@ class Flux:
                              **conditioning).sample
         return FluxPipeline._unpack_latents(out, h * comps.vae_scale_factor, w * comps.vae_scale_factor,
                                             comps.vae_scale_factor)
+
+    def sampling_scheduler(self, comps):
+        from diffusers import FlowMatchEulerDiscreteScheduler  # on use (see lora.py)
+
+        return FlowMatchEulerDiscreteScheduler.from_config(comps.noise_scheduler.config)
+
+    def sample(self, pipe, comps, prompt: str, negative_prompt: str, steps: int, cfg: float, noise: torch.Tensor,
+               callback) -> torch.Tensor:
+        """Flow-matching Euler sampling. `cfg` is the embedded guidance of a model that has it (dev; no negative
+        prompt then), else true classifier-free guidance with the negative prompt (schnell-like models)."""
+        from diffusers import FluxPipeline  # on use (see lora.py)
+
+        b, c, h, w = noise.shape
+        scale = comps.vae_scale_factor
+        if comps.denoiser.config.guidance_embeds:
+            guidance = {"guidance_scale": cfg}
+        else:
+            guidance = {"true_cfg_scale": cfg, "negative_prompt": negative_prompt}
+        packed = pipe(prompt, num_inference_steps=steps, height=h * scale, width=w * scale,
+                      latents=FluxPipeline._pack_latents(noise, b, c, h, w).to(comps.device, comps.dtype),
+                      max_sequence_length=comps.tokenizer_2.model_max_length, callback_on_step_end=callback,
+                      output_type="latent", **guidance).images
+        return FluxPipeline._unpack_latents(packed, h * scale, w * scale, scale)
 
     def pipeline(self, comps, scheduler):
         from diffusers import FluxPipeline  # on use (see lora.py)

@@ -144,7 +144,11 @@ def test_model_folder_errors(tiny_model_dir, tmp_path):
         load_components(partial)
     flux = tmp_path / "flux"
     (flux / "transformer").mkdir(parents=True)
-    with pytest.raises(AttenCraftError, match="transformer-based"):
+    with pytest.raises(AttenCraftError, match="Flux model folder .* is missing vae, text_encoder, tokenizer, "
+                                              "text_encoder_2, tokenizer_2, scheduler"):
+        load_components(flux)
+    (flux / "text_encoder_3").mkdir()
+    with pytest.raises(AttenCraftError, match="Stable Diffusion 3 model"):
         load_components(flux)
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)

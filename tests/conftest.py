@@ -42,13 +42,14 @@ def _seed_everything():
 
 @pytest.fixture
 def planted_attention(monkeypatch):
-    """Make the tiny UNet's recorded attention meaningful: the token at prompt position 4 + 2k (concept k
-    in "a photo of <c0> and <c1> ...") attends to quadrant blob k, the start token to the background, and
-    self-attention links pixels of the same region. Random tiny models have random attention otherwise.
+    """Make the tiny UNet's recorded attention meaningful: the token at prompt position first + 2k (concept k
+    in "a photo of <c0> and <c1> ...": first = 4 after CLIP's start token, 3 in T5) attends to quadrant blob k,
+    the first token to the background, and self-attention links pixels of the same region. Random tiny models
+    have random attention otherwise.
 
     Call it with N; it returns the blobs at 16x16 (the tiny model's self-attention side for 32x32 latents).
     """
-    def plant(n: int, store_cls=None):
+    def plant(n: int, store_cls=None, first: int = 4):
         from attencraft_core.attention import AttentionStore
 
         AttentionStore = store_cls or AttentionStore  # noqa: N806 (the pack's copy when testing nodes/)
@@ -63,7 +64,7 @@ def planted_attention(monkeypatch):
                 planted = torch.full((queries, keys), 0.01)
                 planted[:, 0] += background
                 for k in range(n):
-                    planted[:, 4 + 2 * k] += blobs[k]
+                    planted[:, first + 2 * k] += blobs[k]
             else:
                 regions = torch.cat([background[None], blobs])
                 planted = regions.T @ regions + 0.01

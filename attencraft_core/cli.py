@@ -124,7 +124,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    check_settings(args.count, args.seed, args.steps, args.cfg, args.resolution, args.strength)
+    check_settings(args.count, args.seed, args.steps, args.cfg or 0, args.resolution, args.strength)
     concept_set = ConceptSet.load(args.concepts)
     concept_set.check_prompt(args.prompt)
     out = Path(args.out)
@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt (default empty)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0); image i uses seed + i")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (default 7.5; Flux 3.5: dev's embedded guidance, true classifier-free "
+                        "guidance for a Flux model without it)")
     p.add_argument("--count", type=int, default=1, help="number of images (default 1)")
     p.add_argument("--resolution", type=int, default=None, help="square side in px (default: the model's own)")
     p.add_argument("--strength", type=float, default=1.0,

@@ -40,12 +40,13 @@ def check_settings(count: int, seed: int, steps: int, cfg: float, resolution: in
         require_number("Resolution", resolution, 8, 8192, integer=True, multiple_of=8)
 
 
-def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int = 30, cfg: float = 7.5,
+def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int = 30, cfg: float | None = None,
              negative_prompt: str = "", resolution: int | None = None,
              progress: Progress = no_progress) -> list[Image.Image]:
     """One image per prompt; image i uses seed + i, so results do not depend on batch composition. The pipeline
     samples latents in the UNet's dtype; the (float32) VAE decodes them.
     `progress` is told ("generating", sampling steps done, len(prompts) x steps)."""
+    cfg = family_of(comps).default_cfg if cfg is None else cfg
     check_settings(len(prompts), seed, steps, cfg, resolution)
     for prompt in prompts:
         tokenize_prompt(comps.tokenizer, prompt)  # readable error for over-long prompts

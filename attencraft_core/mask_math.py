@@ -38,9 +38,12 @@ def token_maps(cross: torch.Tensor, token_idx: list[int], cross_hw: tuple[int, i
     return minmax(maps, dims=(1, 2))
 
 
-def derived_background(maps: torch.Tensor) -> torch.Tensor:
-    """The background map [h, w] of a model without a start token (T5): 1 - the largest concept map [N, h, w],
-    min-max normalised, high where no concept attends."""
+def derived_background(maps: torch.Tensor, level: float | None = None) -> torch.Tensor:
+    """The background map [h, w] of a model without a start token (T5), from the concept maps [N, h, w] (min-max
+    normalised): 1 - the largest concept map, min-max normalised (level None: high where no concept attends), or
+    a constant `level` (a threshold every concept's map must pass)."""
+    if level is not None:
+        return torch.full_like(maps[0], level)
     return minmax(1 - maps.amax(dim=0))
 
 

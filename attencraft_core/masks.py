@@ -108,7 +108,7 @@ def concept_attention(comps: SDComponents, latents: torch.Tensor, concepts: list
     if "<sot>" in positions:
         return mask_math.token_maps(cross, [positions["<sot>"]] + token_idx, cross_hw, self_hw), self_attn, t
     maps = mask_math.token_maps(cross, token_idx, cross_hw, self_hw)
-    return torch.cat([mask_math.derived_background(maps)[None], maps]), self_attn, t
+    return torch.cat([mask_math.derived_background(maps, family.background_level)[None], maps]), self_attn, t
 
 
 def masks_from_latents(comps: SDComponents, latents: torch.Tensor, concepts: list[Concept],

@@ -99,10 +99,12 @@ def check_flux_dir(root: Path) -> Path:
         raise AttenCraftError(f"Flux model folder {root} is missing {', '.join(missing)}. A diffusers Flux folder "
                               f"has the sub-folders {', '.join(FLUX_PARTS)}; re-export or re-copy the model.")
     config = _read_json(root / "transformer" / "config.json")
-    if config.get("_class_name") != "FluxTransformer2DModel" or config.get("in_channels") != 64:
+    packed = 4 * _read_json(root / "vae" / "config.json").get("latent_channels", 16)  # 2x2 patches of latents
+    if config.get("_class_name") != "FluxTransformer2DModel" or config.get("in_channels") != packed:
         raise AttenCraftError(f"{root}/transformer is a {config.get('_class_name')} with "
                               f"{config.get('in_channels')} input channels, not Flux.1's text-to-image "
-                              f"FluxTransformer2DModel (64); AttenCraft supports {SUPPORTED}.")
+                              f"FluxTransformer2DModel ({packed}: the VAE's latents alone, no control or fill "
+                              f"image); AttenCraft supports {SUPPORTED}.")
     return root
 
 

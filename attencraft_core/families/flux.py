@@ -5,8 +5,9 @@ padded to its tokenizer's model_max_length); dev's guidance embedding gets a fix
 flow: noisy = (1 - s) x + s e with s logit-normal and shifted for the image's token count as Flux's scheduler
 shifts it, target e - x. The transformer reads latents packed into 2x2 patches.
 
-Attention: the double-stream blocks' image-query x text-key attention is the cross-attention the method reads,
-and image-query x image-key the self-attention, both on the 2x2-patch grid (latent/2). T5 has no start token, so
+Attention: the image-query x text-key attention of the later half of the double-stream blocks is the
+cross-attention the method reads, and image-query x image-key the self-attention, both on the 2x2-patch grid
+(latent/2). T5 has no start token, so
 no token stands for the background: the masks derive it from the concepts' maps (see masks.py), and the attention
 loss has no background term. Training timestep t of the mask options is the noise level sigma = t / 1000.
 LoRA goes on the double-stream blocks' attention (`kv`: the key and value projections of both streams), and on
@@ -21,10 +22,9 @@ import math
 import torch
 
 from ..concepts import token_positions, tokenize_prompt
-from ..joint_attention import record_joint_attention
+from ..joint_attention import double_stream_processors, record_joint_attention
 
 GUIDANCE = 3.5  # FluxPipeline's default embedded guidance (dev)
-MASK_BLOCKS = None  # the double-stream blocks whose attention the method reads (None: all)
 PATCH = 2  # the transformer's tokens are 2x2 latent patches
 DOUBLE = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 SINGLE = r"single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"
@@ -39,6 +39,10 @@ LORA_TARGETS = {  # regexes over the transformer's module names (PEFT matches th
 
 class Flux:
     lora_format = "diffusers"
+    default_cfg = GUIDANCE
+    # the double-stream blocks whose attention the method reads; None: the later half (docs/quality.md measures it)
+    mask_blocks: list[int] | None = None
+    background_level: float | None = None  # the derived background (mask_math.derived_background)
 
     def recognises(self, config) -> bool:
         return getattr(config, "joint_attention_dim", None) is not None
@@ -83,7 +87,9 @@ class Flux:
         return PATCH
 
     def record_attention(self, comps, store, opts, kinds=("cross", "self"), detach_background: bool = False):
-        return record_joint_attention(comps.denoiser, store, MASK_BLOCKS, kinds)
+        blocks = len(double_stream_processors(comps.denoiser))
+        chosen = self.mask_blocks if self.mask_blocks is not None else list(range(blocks // 2, blocks))
+        return record_joint_attention(comps.denoiser, store, chosen, kinds)
 
     def noised(self, comps, latents: torch.Tensor, noise: torch.Tensor, t: int):
         sigma = torch.full((len(latents),), t / comps.noise_scheduler.config.num_train_timesteps,

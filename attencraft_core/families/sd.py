@@ -14,6 +14,7 @@ EMBEDDING_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}  # what ComfyUI reads from a
 
 class StableDiffusion:
     lora_format = "kohya"  # how export_lora names the LoRA's tensors
+    default_cfg = 7.5  # generation's guidance scale when none is given
 
     def recognises(self, unet_config) -> bool:
         return True

@@ -17,7 +17,7 @@ from .families import family_named, family_of
 from .generation import class_images, generate
 from .images import contact_sheet, ensure_rgb, image_to_tensor, load_image, mask_to_image, overlay, tensor_to_image
 from .joint_attention import record_joint_attention
-from .lora import set_lora_strength, to_kohya
+from .lora import set_lora_strength
 from .masks import MaskResult, extract_masks, masks_from_latents
 from .model_loading import SDComponents, load_components, sd_noise_scheduler
 from .outputs import atomic_write, ensure_out_dir, safe_name, save_image, save_mask_outputs, write_json
@@ -38,5 +38,5 @@ __all__ = [
     "load_checkpoint", "load_components", "load_image", "mask_to_image", "masks_from_latents", "no_progress",
     "overlay", "parse_concepts", "require_number", "require_seed", "resolve_device", "resolve_dtype", "run_command", "run_demo",
     "safe_name", "save_checkpoint", "sd_noise_scheduler", "settings_of", "value_type", "save_image", "save_mask_outputs", "set_lora_strength", "tensor_to_image",
-    "to_kohya", "write_json",
+    "write_json",
 ]

@@ -76,10 +76,11 @@ def initializer_ids(tokenizer, word: str) -> list[int]:
     return ids
 
 
-def tokenize_prompt(tokenizer, prompt: str) -> torch.Tensor:
-    """Token ids [1, max_length] padded as SD does; a prompt longer than the tokenizer allows is an error."""
+def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None) -> torch.Tensor:
+    """Token ids [1, max_length] (default: the tokenizer's model_max_length) padded as SD does; a longer prompt is
+    an error."""
     ids = tokenizer(prompt).input_ids
-    limit = tokenizer.model_max_length
+    limit = max_length or tokenizer.model_max_length
     if len(ids) > limit:
         raise AttenCraftError(
             f"The prompt is {len(ids)} tokens long but the text encoder takes at most {limit} "

@@ -21,8 +21,8 @@ from PIL import Image
 from server import PromptServer
 
 from ..attencraft_core.api import (PRECISIONS, ConceptSet, MaskOptions, Trainer, TrainOptions, is_concept_set, is_snapshot,
-                                   settings_of, to_kohya, value_type)
-from .bridge import components_from_comfy
+                                   settings_of, value_type)
+from .bridge import components_from_comfy, model_text_width
 from .comfy_progress import ComfyProgress
 from .logic import (TrainedConcepts, check_lora_keys, check_name, comfy_file_paths, extract, fill_prompt,
                     image_from_comfy, image_to_comfy, images_from_comfy, prompt_syntax, together_prompt,
@@ -301,11 +301,11 @@ class ApplyConcepts(io.ComfyNode):
             stem = os.path.splitext(os.path.basename(saved_concept_set))[0]
             concept_set = TrainedConcepts(ConceptSet.load(path), check_name(stem))
         cs, name = concept_set.concept_set, concept_set.name
-        cs.check_text_width(model.model.model_config.unet_config.get("context_dim"), "the MODEL")
+        cs.check_text_width(model_text_width(model), "the MODEL")
         names = _write_embeddings(cs, name)
-        kohya = to_kohya(cs.lora, cs.alpha)
-        check_lora_keys(kohya, comfy.lora.model_lora_keys_unet(model.model, {}))
-        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, kohya, strength, 0.0)
+        lora = cs.comfy_lora()
+        check_lora_keys(lora, comfy.lora.model_lora_keys_unet(model.model, {}))
+        new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, lora, strength, 0.0)
         syntax = prompt_syntax(cs, names)
         _show_text(cls.hidden.unique_id, syntax)
         return io.NodeOutput(new_model, new_clip, together_prompt(cs, names), concept_set, ui=ui.PreviewText(syntax))

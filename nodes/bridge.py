@@ -13,11 +13,12 @@ import os
 
 import torch
 
-from ..attencraft_core.api import (AttenCraftError, Progress, SDComponents, no_progress, resolve_dtype,
+from ..attencraft_core.api import (AttenCraftError, Progress, SDComponents, family_of, no_progress, resolve_dtype,
                                    sd_noise_scheduler)
+from .flux_bridge import flux_scheduler, is_flux, t5_from_comfy, transformer_from_comfy
 
 
-SUPPORTED = "SD 1.x, SD 2.x and SDXL (base and its fine-tunes)"
+SUPPORTED = "SD 1.x, SD 2.x, SDXL (base and its fine-tunes) and Flux.1 (dev, schnell and their fine-tunes)"
 SDXL_ADM = 1280 + 6 * 256  # SDXL's extra UNet input: OpenCLIP-bigG pooled text + 6 size/crop ids of 256 each
 
 
@@ -35,7 +36,7 @@ def unet_config_to_diffusers(unet_config: dict, sample_size: int = 64) -> dict:
     needed = ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth", "context_dim")
     if any(k not in unet_config for k in needed) or (unet_config.get("adm_in_channels") and not is_sdxl(unet_config)):
         raise AttenCraftError(f"AttenCraft works on {SUPPORTED} checkpoints; this MODEL is another kind (the SDXL "
-                              "refiner, SD3, Flux, video...). Load one of those in Load Checkpoint.")
+                              "refiner, SD3, Chroma, video...). Load one of those in Load Checkpoint.")
     levels = len(unet_config["channel_mult"])
     res = list(unet_config["num_res_blocks"])
     if len(set(res)) != 1:
@@ -138,19 +139,26 @@ def _tower(sd: dict, prefix: str, config_path: str, dtype: torch.dtype, drop_las
     return model
 
 
-def text_encoder_from_comfy(clip, device: torch.device,
-                            dtype: torch.dtype = torch.float32) -> list[tuple["torch.nn.Module", object]]:
+def text_encoder_from_comfy(clip, device: torch.device, dtype: torch.dtype = torch.float32,
+                            flux: bool = False) -> list[tuple["torch.nn.Module", object]]:
     """(text encoder, tokenizer) per tower, equal to the CLIP's: SD 1.x clip_l; SD 2.x clip_h (penultimate layer
-    + final norm); SDXL clip_l and clip_g (with its projection; the family reads their penultimate layers)."""
+    + final norm); SDXL clip_l and clip_g (with its projection; the family reads their penultimate layers);
+    Flux (`flux`) clip_l (its pooled output) and t5xxl."""
     import comfy.sd1_clip
 
     sd = clip.get_sd()
     comfy_dir = os.path.dirname(os.path.realpath(comfy.sd1_clip.__file__))
     has = {p: f"{p}.transformer.text_model.embeddings.token_embedding.weight" in sd for p in ("clip_l", "clip_h",
                                                                                          "clip_g")}
-    if any(k.startswith("t5xxl.") for k in sd) or not (has["clip_l"] or has["clip_h"]):
-        raise AttenCraftError(f"This CLIP is not the text encoder of an {SUPPORTED} checkpoint.")
-    if has["clip_g"]:
+    t5 = any(k.startswith("t5xxl.") for k in sd)
+    if flux != (t5 and has["clip_l"]) or not (has["clip_l"] or has["clip_h"]):
+        wanted = ("Flux needs clip_l and t5xxl: load both in DualCLIPLoader with type flux" if flux
+                  else "connect the CLIP of the same checkpoint")
+        raise AttenCraftError(f"This CLIP is not the text encoder of the MODEL's family ({wanted}).")
+    if flux:
+        towers = [(_tower(sd, "clip_l.", os.path.join(comfy_dir, "sd1_clip_config.json"), dtype),
+                   _tokenizer(comfy_dir)), t5_from_comfy(sd, comfy_dir, device, dtype)]
+    elif has["clip_g"]:
         towers = [(_tower(sd, "clip_l.", os.path.join(comfy_dir, "sd1_clip_config.json"), dtype),
                    _tokenizer(comfy_dir)),
                   (_tower(sd, "clip_g.", os.path.join(comfy_dir, "clip_config_bigg.json"), dtype, projection=True),
@@ -166,21 +174,25 @@ def text_encoder_from_comfy(clip, device: torch.device,
     return towers
 
 
-def vae_from_comfy(vae, scale_factor: float, device: torch.device):
-    """A diffusers AutoencoderKL with the VAE's weights (LDM layout converted by diffusers' own converter)."""
+def vae_from_comfy(vae, latent_format, device: torch.device):
+    """A diffusers AutoencoderKL with the VAE's weights (LDM layout converted by diffusers' own converter), with
+    the MODEL's latent scale and shift (Flux's VAE: 16 channels, no quant convs, a shift)."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     sd = vae.get_sd()
-    if "encoder.conv_in.weight" not in sd or "post_quant_conv.weight" not in sd:
-        raise AttenCraftError("This VAE is not an SD 1.x/2.x style AutoencoderKL.")
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_in.weight" not in sd:
+        raise AttenCraftError("This VAE is not an SD/SDXL/Flux style AutoencoderKL: connect the VAE of the same "
+                              "model (for Flux, ae.safetensors in Load VAE).")
     levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.down.")})
     channels = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)]
     layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
     config = dict(in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=layers,
                   down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
                   latent_channels=sd["decoder.conv_in.weight"].shape[1], sample_size=512,
-                  scaling_factor=scale_factor)
+                  scaling_factor=float(getattr(latent_format, "scale_factor", 0.18215)),
+                  shift_factor=getattr(latent_format, "shift_factor", None),
+                  use_quant_conv="quant_conv.weight" in sd, use_post_quant_conv="post_quant_conv.weight" in sd)
     with torch.inference_mode(False):
         state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
         model = AutoencoderKL(**config)
@@ -189,11 +201,19 @@ def vae_from_comfy(vae, scale_factor: float, device: torch.device):
     return model
 
 
+def model_text_width(model) -> int | None:
+    """How wide the MODEL's text features are, all towers together (what a concept set's embeddings must be)."""
+    config = model.model.model_config.unet_config
+    if is_flux(model):
+        return config["vec_in_dim"] + config["context_in_dim"]  # CLIP-L pooled + T5-XXL
+    return config.get("context_dim")
+
+
 def components_from_comfy(model, clip, vae, progress: Progress = no_progress, precision: str = "auto"):
-    """The core's SDComponents from ComfyUI objects, on ComfyUI's torch device, free of inference mode; UNet and
-    text towers in the dtype `precision` names there (auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU), the VAE
-    float32. ComfyUI's own copies leave the device first. `progress` is told ("converting the model", parts
-    done, 3)."""
+    """The core's SDComponents from ComfyUI objects (SD 1.x/2.x, SDXL or Flux.1), on ComfyUI's torch device, free of
+    inference mode; denoiser and text towers in the dtype `precision` names there (auto: bf16 on a GPU that has it,
+    else fp16; fp32 on the CPU), the VAE float32. ComfyUI's own copies leave the device first. `progress` is told
+    ("converting the model", parts done, 3)."""
     import comfy.model_management as mm
 
     progress("converting the model", 0, 3)
@@ -201,20 +221,28 @@ def components_from_comfy(model, clip, vae, progress: Progress = no_progress, pr
     mm.soft_empty_cache()
     device = mm.get_torch_device()
     dtype = resolve_dtype(precision, device)
-    unet, prediction = unet_from_comfy(model, device, dtype)
-    progress("converting the model", 1, 3)
-    towers = text_encoder_from_comfy(clip, device, dtype)
-    progress("converting the model", 2, 3)
-    width = sum(encoder.config.hidden_size for encoder, _ in towers)
-    if unet.config.cross_attention_dim != width or (len(towers) == 2) != bool(unet.config.addition_embed_type):
-        raise AttenCraftError("The MODEL and CLIP come from different model families (text width "
-                              f"{width} vs UNet context {unet.config.cross_attention_dim}): connect the CLIP of the "
-                              "same checkpoint.")
-    scale = float(getattr(model.model.latent_format, "scale_factor", 0.18215))
-    vae_module = vae_from_comfy(vae, scale, device)
-    progress("converting the model", 3, 3)
-    scheduler = sd_noise_scheduler(prediction)
     name = getattr(model.model.model_config, "__class__", type(None)).__name__
+    if is_flux(model):
+        denoiser = transformer_from_comfy(model, device, dtype)
+        scheduler = flux_scheduler(model.model.model_config.unet_config)
+    else:
+        denoiser, prediction = unet_from_comfy(model, device, dtype)
+        scheduler = sd_noise_scheduler(prediction)
+    progress("converting the model", 1, 3)
+    towers = text_encoder_from_comfy(clip, device, dtype, flux=is_flux(model))
+    progress("converting the model", 2, 3)
+    vae_module = vae_from_comfy(vae, model.model.latent_format, device)
+    progress("converting the model", 3, 3)
     (text_encoder, tokenizer), *second = towers
-    return SDComponents(unet, vae_module, text_encoder, tokenizer, scheduler, source=f"comfyui:{name}",
-                        text_encoder_2=second[0][0] if second else None, tokenizer_2=second[0][1] if second else None)
+    comps = SDComponents(denoiser, vae_module, text_encoder, tokenizer, scheduler, source=f"comfyui:{name}",
+                         text_encoder_2=second[0][0] if second else None, tokenizer_2=second[0][1] if second else None)
+    mismatch = family_of(comps).text_width_mismatch(comps)
+    if not mismatch and not is_flux(model) and (len(towers) == 2) != bool(denoiser.config.addition_embed_type):
+        mismatch = "an SDXL UNet takes both SDXL text encoders, and only it does"
+    if mismatch:
+        raise AttenCraftError(f"The MODEL and CLIP come from different model families ({mismatch}): connect the "
+                              "CLIP of the same checkpoint.")
+    if vae_module.config.latent_channels != model.model.latent_format.latent_channels:
+        raise AttenCraftError(f"The VAE makes {vae_module.config.latent_channels}-channel latents but the MODEL "
+                              f"takes {model.model.latent_format.latent_channels}: connect the VAE of the same model.")
+    return comps

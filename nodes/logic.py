@@ -184,9 +184,17 @@ def training_plan(name: str, sets_dir: str | Path, resume: bool, overwrite: bool
     return "new", []
 
 
-def check_lora_keys(kohya: dict[str, torch.Tensor], key_map: dict[str, str]) -> None:
+LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".alpha")
+
+
+def lora_module(key: str) -> str:
+    """The module name of a LoRA tensor's key (kohya `lora_unet_..` or diffusers `transformer.<path>`)."""
+    return next((key.removesuffix(s) for s in LORA_SUFFIXES if key.endswith(s)), key)
+
+
+def check_lora_keys(lora: dict[str, torch.Tensor], key_map: dict[str, str]) -> None:
     """Every LoRA module must map onto a model weight (ComfyUI would otherwise skip it with a warning)."""
-    bases = {k.split(".")[0] for k in kohya}
+    bases = {lora_module(k) for k in lora}
     missing = sorted(b for b in bases if b not in key_map)
     if missing:
         raise AttenCraftError(f"{len(missing)} LoRA layers do not match this MODEL (e.g. {missing[0]}): "

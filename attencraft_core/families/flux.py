@@ -1,15 +1,15 @@
 """Flux.1 (dev and schnell): a diffusion transformer with joint attention over [T5 text tokens; image tokens].
 
-Context = T5's last hidden state, pooled = CLIP-L's pooled output, as diffusers' FluxPipeline computes them (T5
-padded to its tokenizer's model_max_length); dev's guidance embedding gets a fixed guidance value. Rectified
-flow: noisy = (1 - s) x + s e with s logit-normal and shifted for the image's token count as Flux's scheduler
-shifts it, target e - x. The transformer reads latents packed into 2x2 patches.
+Context = T5's last hidden state, pooled = CLIP-L's pooled output, as diffusers' FluxPipeline computes them, T5
+padded to 256 tokens as ComfyUI's CLIP Text Encode pads it for Flux; dev's guidance embedding gets a fixed
+guidance value. Rectified flow: noisy = (1 - s) x + s e with s logit-normal and shifted for the image's token
+count as Flux's scheduler shifts it, target e - x. The transformer reads latents packed into 2x2 patches.
 
 Attention: the image-query x text-key attention of the later half of the double-stream blocks is the
 cross-attention the method reads, and image-query x image-key the self-attention, both on the 2x2-patch grid
-(latent/2). T5 has no start token, so
-no token stands for the background: the masks derive it from the concepts' maps (see masks.py), and the attention
-loss has no background term. Training timestep t of the mask options is the noise level sigma = t / 1000.
+(latent/2). T5 has no start token, so no token stands for the background: the masks derive it from the concepts'
+maps (see masks.py), and the attention loss has no background term. Timestep t of the mask options is the noise
+level sigma = t / 1000.
 LoRA goes on the double-stream blocks' attention (`kv`: the key and value projections of both streams), and on
 the single-stream blocks' too with `attn`/`all`; it is exported with diffusers' `transformer.<module>` names,
 which ComfyUI's LoRA loader reads for Flux.
@@ -25,6 +25,7 @@ from ..concepts import token_positions, tokenize_prompt
 from ..joint_attention import double_stream_processors, record_joint_attention
 
 GUIDANCE = 3.5  # FluxPipeline's default embedded guidance (dev)
+T5_TOKENS = 256  # ComfyUI's Flux T5 tokenizer pads to at least 256 tokens (diffusers' FluxPipeline to 512)
 PATCH = 2  # the transformer's tokens are 2x2 latent patches
 DOUBLE = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 SINGLE = r"single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"
@@ -35,6 +36,12 @@ LORA_TARGETS = {  # regexes over the transformer's module names (PEFT matches th
     "attn": f"{DOUBLE}|{SINGLE}",
     "all": f"{DOUBLE}|{SINGLE}|{FEED_FORWARD}",
 }
+
+
+def t5_length(comps) -> int:
+    """The T5 sequence length the transformer sees: ComfyUI's (padding changes a Flux image: the padding tokens
+    take part in the joint attention), or the tokenizer's limit if lower."""
+    return min(T5_TOKENS, comps.tokenizer_2.model_max_length)
 
 
 class Flux:
@@ -72,7 +79,8 @@ class Flux:
 
     def conditioning(self, comps, prompts: list[str], image_hw: tuple[int, int]) -> dict:
         clip_ids = torch.cat([tokenize_prompt(comps.tokenizer, p) for p in prompts]).to(comps.device)
-        t5_ids = torch.cat([tokenize_prompt(comps.tokenizer_2, p) for p in prompts]).to(comps.device)
+        t5_ids = torch.cat([tokenize_prompt(comps.tokenizer_2, p, t5_length(comps)) for p in prompts])
+        t5_ids = t5_ids.to(comps.device)
         conditioning = {"encoder_hidden_states": comps.text_encoder_2(t5_ids)[0].to(comps.dtype),
                         "pooled_projections": comps.text_encoder(clip_ids).pooler_output.to(comps.dtype)}
         if comps.denoiser.config.guidance_embeds:
@@ -154,7 +162,7 @@ class Flux:
             guidance = {"true_cfg_scale": cfg, "negative_prompt": negative_prompt}
         packed = pipe(prompt, num_inference_steps=steps, height=h * scale, width=w * scale,
                       latents=FluxPipeline._pack_latents(noise, b, c, h, w).to(comps.device, comps.dtype),
-                      max_sequence_length=comps.tokenizer_2.model_max_length, callback_on_step_end=callback,
+                      max_sequence_length=t5_length(comps), callback_on_step_end=callback,
                       output_type="latent", **guidance).images
         return FluxPipeline._unpack_latents(packed, h * scale, w * scale, scale)
 

@@ -14,6 +14,7 @@ from .devices import PRECISIONS, default_device, resolve_device, resolve_dtype
 from .encoding import decode_latents, encode_images, encode_prompts
 from .errors import AttenCraftError
 from .families import family_named, family_of
+from .frozen_fp8 import FLOAT8, keep_float8_linears
 from .generation import class_images, generate
 from .images import contact_sheet, ensure_rgb, image_to_tensor, load_image, mask_to_image, overlay, tensor_to_image
 from .joint_attention import record_joint_attention
@@ -29,7 +30,7 @@ from .training import Trainer, TrainingCancelled, TrainResult
 from .validation import require_number, require_seed
 
 __all__ = [
-    "PRECISIONS", "record_joint_attention",
+    "FLOAT8", "PRECISIONS", "keep_float8_linears", "record_joint_attention",
     "PLACEHOLDER_RE", "ConceptTokens", "family_named", "family_of", "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
     "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
     "add_concept_tokens", "earlier_run_files", "is_concept_set", "is_snapshot", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",

@@ -33,6 +33,9 @@ class ConceptTokens:
         for tokenizer, encoder in family_of(comps).towers(comps):
             ids.append(add_concept_tokens(tokenizer, encoder, concepts))
             embeddings.append(encoder.get_input_embeddings())
+            # T5EncoderModel's encoder reads its own embedding module, which only shares the table's weight with
+            # get_input_embeddings(); setting it makes both one module, the one the forward hooks see
+            encoder.set_input_embeddings(embeddings[-1])
             tables.append(embeddings[-1].weight)
         return cls(tables, ids, embeddings)
 

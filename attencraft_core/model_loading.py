@@ -11,6 +11,7 @@ import torch
 
 from .errors import AttenCraftError
 from .families import family_of
+from .frozen_fp8 import compute_dtype
 from .progress import Progress, no_progress
 from .validation import first_non_finite
 
@@ -65,7 +66,8 @@ class SDComponents:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
+        """The dtype the denoiser computes in (its frozen linear weights may be stored in float8)."""
+        return compute_dtype(self.denoiser)
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "SDComponents":
         """Move every module to `device`; the UNet and text towers also to `dtype`. The VAE stays float32 (it is

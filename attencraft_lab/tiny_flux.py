@@ -20,6 +20,7 @@ from attencraft_core.api import SDComponents
 from .tiny_models import BASE_WORDS, build_word_tokenizer
 
 T5_MAX_LENGTH = 32  # Flux.1 uses 512 (dev) or 256 (schnell) T5 tokens; the toy's captions are short
+T5_SPARE_ROWS = 28  # T5's table has rows no token uses (32,128 for 32,100 tokens): added tokens need no resize
 
 
 def build_t5_word_tokenizer(words=BASE_WORDS, max_length: int = T5_MAX_LENGTH) -> T5Tokenizer:
@@ -50,7 +51,7 @@ def build_tiny_flux_pipeline(seed: int = 0, width: int = 32, words=BASE_WORDS, g
         num_attention_heads=heads, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=width))
     t5_tokenizer = build_t5_word_tokenizer(words)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=width, d_ff=2 * width, num_layers=2,
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer) + T5_SPARE_ROWS, d_model=width, d_ff=2 * width, num_layers=2,
                                  num_heads=heads, d_kv=width // heads, pad_token_id=0, eos_token_id=1,
                                  decoder_start_token_id=0))
     vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,

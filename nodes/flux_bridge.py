@@ -1,8 +1,9 @@
 """ComfyUI's Flux MODEL / CLIP (clip_l + t5xxl) -> the core's diffusers modules, in memory, exactly.
 
 The transformer's weights are renamed with ComfyUI's own diffusers map (`comfy.utils.flux_to_diffusers`, the one
-its LoRA loader uses), so a LoRA trained on the result loads onto the MODEL key for key. Weights ComfyUI holds in
-fp8 (with or without a per-tensor scale) are dequantized once into the training dtype. As in bridge.py: fresh
+its LoRA loader uses), so a LoRA trained on the result loads onto the MODEL key for key. Linear weights ComfyUI
+holds in fp8 stay fp8 (FrozenFloat8Linear: computed in the training dtype, never widened for good); fp8 weights
+with a per-tensor scale, and all other weights, are copied into the training dtype. As in bridge.py: fresh
 modules built outside inference mode, nothing ComfyUI passed in is touched, comfy and diffusers imported where
 used.
 """
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-from ..attencraft_core.api import AttenCraftError
+from ..attencraft_core.api import FLOAT8, AttenCraftError, keep_float8_linears
 
 SUPPORTED = "Flux.1 (dev, schnell and their fine-tunes)"
 
@@ -24,24 +25,34 @@ def is_flux(model) -> bool:
     return model.model.model_config.unet_config.get("image_model") == "flux"
 
 
-def _weight(sd: dict, key: str, dtype: torch.dtype, device) -> torch.Tensor:
-    """sd[key] in `dtype` on `device`, multiplied by its fp8 scale if ComfyUI keeps one (`<name>.scale_weight`)."""
+def _weight(sd: dict, key: str, dtype: torch.dtype, device, keep_float8: bool = False) -> torch.Tensor:
+    """sd[key] in `dtype` on `device`, multiplied by its fp8 scale if ComfyUI keeps one (`<name>.scale_weight`);
+    with `keep_float8`, an unscaled float8 tensor is copied as it is."""
     tensor = sd[key]
     scale = sd.get(key.removesuffix(".weight") + ".scale_weight") if key.endswith(".weight") else None
+    if keep_float8 and scale is None and tensor.dtype in FLOAT8:
+        return tensor.detach().to(device=device, copy=True)
     if scale is not None:
         tensor = tensor.to(torch.float32) * scale.to(torch.float32)
     return tensor.detach().to(device=device, dtype=dtype, copy=True)
 
 
-def _mapped(sd: dict, source, dtype: torch.dtype, device) -> torch.Tensor:
+def _mapped(sd: dict, source, dtype: torch.dtype, device, keep_float8: bool) -> torch.Tensor:
     """One diffusers tensor from ComfyUI's map entry: a key, (key, (dim, start, length)) or (key, None, fn)."""
     if isinstance(source, str):
-        return _weight(sd, source, dtype, device)
+        return _weight(sd, source, dtype, device, keep_float8)
     key, part, *fn = source
-    tensor = _weight(sd, key, torch.float32 if fn else dtype, device)
-    if part is not None:
-        tensor = tensor.narrow(*part).clone()
-    return (fn[0](tensor) if fn else tensor).to(dtype)
+    if fn:
+        return fn[0](_weight(sd, key, torch.float32, device)).to(dtype)
+    return _weight(sd, key, dtype, device, keep_float8).narrow(*part).clone()
+
+
+def _linear_weights(module: torch.nn.Module) -> set[str]:
+    """The linear layers' weight names, but for those the model keeps wide (T5's `wo`: transformers casts its
+    input to that layer's weight dtype, which would round activations to float8)."""
+    wide = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    return {f"{name}.weight" for name, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in wide}
 
 
 def transformer_config(unet_config: dict) -> dict:
@@ -76,8 +87,10 @@ def transformer_from_comfy(model, device: torch.device, dtype: torch.dtype):
         if missing:
             raise AttenCraftError(f"Could not map {len(missing)} Flux weights from ComfyUI (e.g. {missing[0]}); "
                                   "this Flux variant is not supported.")
-        state = {k: _mapped(comfy_sd, mapping[k], dtype, device) for k in target}
+        linear = _linear_weights(transformer)
+        state = {k: _mapped(comfy_sd, mapping[k], dtype, device, k in linear) for k in target}
         transformer.load_state_dict(state, assign=True)
+        keep_float8_linears(transformer, dtype)
         transformer.requires_grad_(False).eval()
     return transformer
 
@@ -100,8 +113,11 @@ def t5_from_comfy(sd: dict, comfy_dir: str, device: torch.device, dtype: torch.d
         if missing:
             raise AttenCraftError(f"The CLIP's t5xxl lacks {len(missing)} T5-XXL weights (e.g. {missing[0]}): load "
                                   "the T5-XXL text encoder (t5xxl_fp16 or t5xxl_fp8) in DualCLIPLoader, type flux.")
-        model.load_state_dict({k: _weight(sd, head + k, dtype, device) for k in wanted}, assign=True, strict=False)
+        linear = _linear_weights(model)
+        model.load_state_dict({k: _weight(sd, head + k, dtype, device, k in linear) for k in wanted}, assign=True,
+                              strict=False)
         model.tie_weights()
+        keep_float8_linears(model, dtype)
         model.requires_grad_(False).eval()
     tokenizer = T5TokenizerFast.from_pretrained(os.path.join(comfy_dir, "text_encoders", "t5_tokenizer"))
     return model, tokenizer

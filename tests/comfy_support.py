@@ -153,6 +153,80 @@ def build_sdxl_checkpoint(path: Path | None = None, seed: int = 0) -> Path:
     return path
 
 
+FLUX_FILES = ("flux_tiny_dev.safetensors", "clip_l_random.safetensors", "t5xxl_fp8_random.safetensors",
+              "flux_ae_random.safetensors")
+
+
+def build_flux_files(folder: Path | None = None, seed: int = 0) -> dict[str, Path]:
+    """The four files ComfyUI users load Flux.1-dev from (Load Diffusion Model, DualCLIPLoader type flux, Load
+    VAE), random: a Flux transformer ComfyUI detects as Flux (its fixed 3072 width, one double- and one
+    single-stream block, guidance embedding), full-size CLIP-L, full-size T5-XXL in fp8 (4.8 GB: ComfyUI's Flux
+    text encoder has one size) and Flux's VAE (16 channels, no quant convs). Built once into test_cache(), never
+    committed; returns {"unet", "clip_l", "t5xxl", "vae"} -> path."""
+    folder = folder or test_cache() / f"flux_{seed}"
+    paths = dict(zip(("unet", "clip_l", "t5xxl", "vae"), (folder / name for name in FLUX_FILES)))
+    if all(path.is_file() for path in paths.values()):
+        return paths
+    add_comfy_to_path()
+    import comfy.diffusers_convert
+    import comfy.supported_models
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    def save(path: Path, state: dict) -> None:
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(path)
+
+    def random_like(shape, std, dtype):
+        return (torch.randn(shape, generator=generator) * std).to(dtype)
+
+    flux = comfy.supported_models.Flux(dict(FLUX_DEV_LAYOUT)).get_model({})  # ComfyUI's own module, for key names
+    save(paths["unet"], {k: (torch.ones(v.shape) if k.endswith(".scale") else random_like(v.shape, 0.02, torch.float32)
+                             ).to(torch.bfloat16) for k, v in flux.diffusion_model.state_dict().items()})
+    del flux
+    cfg = json.loads((comfy_dir() / "comfy" / "sd1_clip_config.json").read_text())
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+    save(paths["clip_l"], {(k if k.startswith("text_model.") else f"text_model.{k}"): v.half()
+                           for k, v in clip.state_dict().items()})
+    t5 = json.loads((comfy_dir() / "comfy" / "text_encoders" / "t5_config_xxl.json").read_text())
+    d, ff, heads, kv = t5["d_model"], t5["d_ff"], t5["num_heads"], t5["d_kv"]
+    fp8 = torch.float8_e4m3fn
+    state = {"shared.weight": random_like((t5["vocab_size"], d), 1.0, fp8),
+             "encoder.final_layer_norm.weight": torch.ones(d).to(fp8),
+             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+                 random_like((t5["relative_attention_num_buckets"], heads), 0.5, fp8)}
+    for i in range(t5["num_layers"]):
+        block = f"encoder.block.{i}.layer."
+        for name in "qkv":
+            state[f"{block}0.SelfAttention.{name}.weight"] = random_like((heads * kv, d), 0.01, fp8)
+        state[f"{block}0.SelfAttention.o.weight"] = random_like((d, heads * kv), 0.01, fp8)
+        state[f"{block}0.layer_norm.weight"] = torch.ones(d).to(fp8)
+        state[f"{block}1.DenseReluDense.wi_0.weight"] = random_like((ff, d), 0.01, fp8)
+        state[f"{block}1.DenseReluDense.wi_1.weight"] = random_like((ff, d), 0.01, fp8)
+        state[f"{block}1.DenseReluDense.wo.weight"] = random_like((d, ff), 0.01, fp8)
+        state[f"{block}1.layer_norm.weight"] = torch.ones(d).to(fp8)
+    save(paths["t5xxl"], state)
+    del state
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    save(paths["vae"], {k: v.half() for k, v in comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()).items()})
+    return paths
+
+
+# Flux.1-dev as ComfyUI's detection reads it, at depth one (ComfyUI fixes the width: 3072, 24 heads)
+FLUX_DEV_LAYOUT = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "patch_size": 2,
+                   "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
+                   "mlp_ratio": 4.0, "num_heads": 24, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56],
+                   "theta": 10000, "qkv_bias": True}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

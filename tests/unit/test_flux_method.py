@@ -91,6 +91,7 @@ def test_training_learns_both_text_rows_and_the_double_stream_lora_and_writes_wh
     before = trainer.tokens.rows().clone()
     result = trainer.run("fl")
     assert all("attention" in record for record in result.history)  # the joint attention is read and pulled
+    assert comps.text_encoder_2.get_input_embeddings().weight.shape[0] > len(comps.tokenizer_2)  # as real T5
     width = comps.text_encoder.config.hidden_size
     changed = (trainer.tokens.rows() - before).abs()
     assert bool((changed[:, :width].amax(1) > 0).all()) and bool((changed[:, width:].amax(1) > 0).all())

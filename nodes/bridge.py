@@ -174,7 +174,7 @@ def text_encoder_from_comfy(clip, device: torch.device, dtype: torch.dtype = tor
     return towers
 
 
-def vae_from_comfy(vae, latent_format, device: torch.device):
+def vae_from_comfy(vae, latent_format, device: torch.device, sample_size: int = 512):
     """A diffusers AutoencoderKL with the VAE's weights (LDM layout converted by diffusers' own converter), with
     the MODEL's latent scale and shift (Flux's VAE: 16 channels, no quant convs, a shift)."""
     from diffusers import AutoencoderKL
@@ -189,7 +189,7 @@ def vae_from_comfy(vae, latent_format, device: torch.device):
     layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
     config = dict(in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=layers,
                   down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-                  latent_channels=sd["decoder.conv_in.weight"].shape[1], sample_size=512,
+                  latent_channels=sd["decoder.conv_in.weight"].shape[1], sample_size=sample_size,
                   scaling_factor=float(getattr(latent_format, "scale_factor", 0.18215)),
                   shift_factor=getattr(latent_format, "shift_factor", None),
                   use_quant_conv="quant_conv.weight" in sd, use_post_quant_conv="post_quant_conv.weight" in sd)
@@ -231,7 +231,8 @@ def components_from_comfy(model, clip, vae, progress: Progress = no_progress, pr
     progress("converting the model", 1, 3)
     towers = text_encoder_from_comfy(clip, device, dtype, flux=is_flux(model))
     progress("converting the model", 2, 3)
-    vae_module = vae_from_comfy(vae, model.model.latent_format, device)
+    # Flux's native resolution is its VAE's sample size (the transformer has none): 1024, as diffusers' Flux VAE
+    vae_module = vae_from_comfy(vae, model.model.latent_format, device, 1024 if is_flux(model) else 512)
     progress("converting the model", 3, 3)
     (text_encoder, tokenizer), *second = towers
     comps = SDComponents(denoiser, vae_module, text_encoder, tokenizer, scheduler, source=f"comfyui:{name}",

@@ -23,8 +23,13 @@ EXAMPLE = HERE / "attencraft_example.png"
 NO_FILE = "(none: use the concept_set input)"
 CKPT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+FLUX_FILES = {"unet_name": "flux1-dev.safetensors", "clip_name1": "t5xxl_fp16.safetensors",
+              "clip_name2": "clip_l.safetensors", "vae_name": "ae.safetensors"}  # the names ComfyUI's Flux guide uses
 NAME = "attencraft_concepts"
 SDXL_NAME = "attencraft_sdxl_concepts"
+FLUX_NAME = "attencraft_flux_concepts"
+CHECKPOINT = {"model": (1, 0), "clip": (1, 1), "vae": (1, 2)}  # Load Checkpoint's outputs
+SEPARATE = {"model": (1, 0), "clip": (8, 0), "vae": (9, 0)}  # Load Diffusion Model, DualCLIPLoader, Load VAE
 WORDS = "ball, cube"
 NEGATIVE = "blurry, low quality, deformed"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -205,29 +210,45 @@ def to_ui(nodes: list[Node], specs: dict) -> dict:
 
 
 # ---- the workflows -----------------------------------------------------------------------------------------------
-def loaders(note: str, ckpt: str = CKPT) -> list[Node]:
-    return [Node(90, "Note", {"text": note}, "load"),
-            Node(1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, "load"),
+def model_loaders(ckpt: str | None) -> list[Node]:
+    """Load Checkpoint (`ckpt`), or for Flux (None) the three loaders ComfyUI's Flux guide uses."""
+    if ckpt is not None:
+        return [Node(1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, "load")]
+    return [Node(1, "UNETLoader", {"unet_name": FLUX_FILES["unet_name"], "weight_dtype": "default"}, "load"),
+            Node(8, "DualCLIPLoader", {"clip_name1": FLUX_FILES["clip_name1"], "clip_name2": FLUX_FILES["clip_name2"],
+                                       "type": "flux"}, "load"),
+            Node(9, "VAELoader", {"vae_name": FLUX_FILES["vae_name"]}, "load")]
+
+
+def loaders(note: str, ckpt: str | None = CKPT) -> list[Node]:
+    return [Node(90, "Note", {"text": note}, "load"), *model_loaders(ckpt),
             Node(2, "LoadImage", {"image": EXAMPLE.name}, "load")]
 
 
-def generation(apply: Node, vae, size: int = 512) -> list[Node]:
-    """Apply Concepts, a prompt per concept and one with both, each sampled with a fixed seed and saved."""
+def generation(apply: Node, vae, size: int = 512, flux: bool = False) -> list[Node]:
+    """Apply Concepts, a prompt per concept and one with both, each sampled with a fixed seed and saved. Flux:
+    Flux Guidance 3.5 on each prompt, cfg 1 (the negative prompt is then unused), 20 steps, a 16-channel latent."""
     nodes = [apply,
              Node(40, "AttenCraftConceptPrompt", {"concept_set": (apply.id, 3),
                                                   "text": "a photo of <c0> on the beach"}, "generation", 0),
              Node(41, "AttenCraftConceptPrompt", {"concept_set": (apply.id, 3),
                                                   "text": "a photo of <c1> on the beach"}, "generation", 0),
-             Node(42, "CLIPTextEncode", {"text": NEGATIVE, "clip": (apply.id, 1)}, "generation", 0,
-                  "Negative prompt"),
-             Node(43, "EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, "generation", 0)]
+             Node(42, "CLIPTextEncode", {"text": "" if flux else NEGATIVE, "clip": (apply.id, 1)}, "generation", 0,
+                  "Negative prompt (unused at cfg 1)" if flux else "Negative prompt"),
+             Node(43, "EmptySD3LatentImage" if flux else "EmptyLatentImage",
+                  {"width": size, "height": size, "batch_size": 1}, "generation", 0)]
     prompts = [((40, 0), "attencraft/c0_alone"), ((41, 0), "attencraft/c1_alone"),
                ((apply.id, 2), "attencraft/together")]
+    steps, cfg, scheduler = (20, 1.0, "simple") if flux else (30, 7.5, "normal")
     for i, (text, prefix) in enumerate(prompts):
         nid = 50 + 10 * i
-        nodes += [Node(nid, "CLIPTextEncode", {"text": text, "clip": (apply.id, 1)}, "generation", 1 + i),
-                  Node(nid + 1, "KSampler", {"model": (apply.id, 0), "seed": 42, "steps": 30, "cfg": 7.5,
-                                             "sampler_name": "euler", "scheduler": "normal", "positive": (nid, 0),
+        positive = (nid + 4, 0) if flux else (nid, 0)
+        nodes += [Node(nid, "CLIPTextEncode", {"text": text, "clip": (apply.id, 1)}, "generation", 1 + i)]
+        if flux:
+            nodes += [Node(nid + 4, "FluxGuidance", {"conditioning": (nid, 0), "guidance": 3.5}, "generation",
+                           1 + i)]
+        nodes += [Node(nid + 1, "KSampler", {"model": (apply.id, 0), "seed": 42, "steps": steps, "cfg": cfg,
+                                             "sampler_name": "euler", "scheduler": scheduler, "positive": positive,
                                              "negative": (42, 0), "latent_image": (43, 0), "denoise": 1.0},
                        "generation", 1 + i),
                   Node(nid + 2, "VAEDecode", {"samples": (nid + 1, 0), "vae": vae}, "generation", 1 + i),
@@ -236,10 +257,10 @@ def generation(apply: Node, vae, size: int = 512) -> list[Node]:
     return nodes
 
 
-def extract_node() -> Node:
+def extract_node(src: dict = CHECKPOINT) -> Node:
     return Node(3, "AttenCraftExtractConceptMasks", {
-        "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (2, 0), "concepts": WORDS, "seed": 0,
-        "t_min": 0, "t_max": 300, "threshold": 0.1}, "masks")
+        "model": src["model"], "clip": src["clip"], "vae": src["vae"], "image": (2, 0), "concepts": WORDS,
+        "seed": 0, "t_min": 0, "t_max": 300, "threshold": 0.1}, "masks")
 
 
 def masks_only() -> list[Node]:
@@ -253,39 +274,50 @@ def masks_only() -> list[Node]:
             Node(6, "SaveImage", {"images": (5, 0), "filename_prefix": "attencraft/mask"}, "masks", 1)]
 
 
-def full_pipeline(ckpt: str = CKPT, name: str = NAME, size: int = 512, kind: str = "an SD 1.5 or SD 2.x"
+FLUX_LOAD_NOTE = ("Flux.1 loads as ComfyUI's Flux guide loads it: Load Diffusion Model (flux1-dev or schnell, "
+                  "fp8 works), DualCLIPLoader (t5xxl and clip_l, type flux), Load VAE (ae).")
+
+
+def full_pipeline(ckpt: str | None = CKPT, name: str = NAME, size: int = 512, kind: str = "an SD 1.5 or SD 2.x"
                   ) -> list[Node]:
-    apply = Node(7, "AttenCraftApplyConcepts", {"model": (1, 0), "clip": (1, 1), "strength": 1.0,
+    src = CHECKPOINT if ckpt is not None else SEPARATE
+    apply = Node(7, "AttenCraftApplyConcepts", {"model": src["model"], "clip": src["clip"], "strength": 1.0,
                                                 "saved_concept_set": NO_FILE, "concept_set": (5, 0)}, "generation")
-    return [*loaders(f"Set Load Checkpoint to {kind} checkpoint and Load Image to your picture; name "
-                     "each object in Extract Concept Masks.\n\nTrain LoRA writes the set under its name; a name in "
-                     "use needs overwrite (or resume to continue a stopped run). Previews show in the node while "
-                     "it trains.\n\nThe Concept Prompt nodes turn <c0>, <c1> into the trained embeddings.", ckpt),
-            extract_node(),
+    load = (f"Set Load Checkpoint to {kind} checkpoint" if ckpt is not None else
+            f"{FLUX_LOAD_NOTE} Set them to your files,") + " and Load Image to your picture; name each object in " \
+        "Extract Concept Masks."
+    return [*loaders(f"{load}\n\nTrain LoRA writes the set under its name; a name in use needs overwrite (or "
+                     "resume to continue a stopped run). Previews show in the node while it trains.\n\nThe Concept "
+                     "Prompt nodes turn <c0>, <c1> into the trained embeddings.", ckpt),
+            extract_node(src),
             Node(4, "SaveImage", {"images": (3, 1), "filename_prefix": "attencraft/overlay"}, "masks"),
             Node(5, "AttenCraftTrainLoRA", {
-                "model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (2, 0), "steps": 500,
+                "model": src["model"], "clip": src["clip"], "vae": src["vae"], "image": (2, 0), "steps": 500,
                 "learning_rate": 1e-4, "rank": 16, "sampling_policy": "adaptive", "seed": 0, "name": name,
                 "concepts": (3, 2)}, "training"),
             Node(6, "SaveImage", {"images": (5, 2), "filename_prefix": "attencraft/loss"}, "training"),
-            *generation(apply, (1, 2), size)]
+            *generation(apply, src["vae"], size, flux=ckpt is None)]
 
 
-def apply_saved(ckpt: str = CKPT, name: str = NAME, size: int = 512) -> list[Node]:
-    apply = Node(7, "AttenCraftApplyConcepts", {"model": (1, 0), "clip": (1, 1), "strength": 1.0,
+def apply_saved(ckpt: str | None = CKPT, name: str = NAME, size: int = 512) -> list[Node]:
+    src = CHECKPOINT if ckpt is not None else SEPARATE
+    apply = Node(7, "AttenCraftApplyConcepts", {"model": src["model"], "clip": src["clip"], "strength": 1.0,
                                                 "saved_concept_set": f"{name}.safetensors"}, "generation")
-    return [Node(90, "Note", {"text": "Pick a trained set in Apply Concepts (saved_concept_set; press R after "
-                                      "training to refresh the list). Write prompts with <c0>, <c1> in the "
-                                      "Concept Prompt nodes."}, "load"),
-            Node(1, "CheckpointLoaderSimple", {"ckpt_name": ckpt}, "load"),
-            *generation(apply, (1, 2), size)]
+    note = "Pick a trained set in Apply Concepts (saved_concept_set; press R after training to refresh the list). " \
+           "Write prompts with <c0>, <c1> in the Concept Prompt nodes."
+    return [Node(90, "Note", {"text": note if ckpt is not None else f"{FLUX_LOAD_NOTE}\n\n{note}"}, "load"),
+            *model_loaders(ckpt),
+            *generation(apply, src["vae"], size, flux=ckpt is None)]
 
 
 SDXL = dict(ckpt=SDXL_CKPT, name=SDXL_NAME, size=1024)
+FLUX = dict(ckpt=None, name=FLUX_NAME, size=1024)
 WORKFLOWS = {"attencraft_full_pipeline": full_pipeline, "attencraft_masks_only": masks_only,
              "attencraft_apply_saved": apply_saved,
              "attencraft_sdxl_full_pipeline": lambda: full_pipeline(**SDXL, kind="an SDXL (base or fine-tune)"),
-             "attencraft_sdxl_apply_saved": lambda: apply_saved(**SDXL)}
+             "attencraft_sdxl_apply_saved": lambda: apply_saved(**SDXL),
+             "attencraft_flux_full_pipeline": lambda: full_pipeline(**FLUX),
+             "attencraft_flux_apply_saved": lambda: apply_saved(**FLUX)}
 
 
 # ---- the example image -------------------------------------------------------------------------------------------

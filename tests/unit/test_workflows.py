@@ -89,3 +89,27 @@ def test_generation_prompts_come_from_the_concept_set():
         if name != "attencraft_masks_only":
             assert [p["inputs"]["text"] for p in prompts] == ["a photo of <c0> on the beach",
                                                              "a photo of <c1> on the beach"]
+
+
+@pytest.mark.parametrize("name", ["attencraft_flux_full_pipeline", "attencraft_flux_apply_saved"])
+def test_flux_workflows_load_flux_as_comfyuis_guide_does_and_sample_with_flux_guidance(name):
+    nodes = API[name]
+    by_type = {}
+    for node_id, node in nodes.items():
+        by_type.setdefault(node["class_type"], []).append((node_id, node["inputs"]))
+    assert "CheckpointLoaderSimple" not in by_type
+    (unet, _), = by_type["UNETLoader"]
+    (clip, clip_inputs), = by_type["DualCLIPLoader"]
+    (vae, _), = by_type["VAELoader"]
+    assert clip_inputs["type"] == "flux"
+    (apply_id, apply), = by_type["AttenCraftApplyConcepts"]
+    assert apply["model"] == [unet, 0] and apply["clip"] == [clip, 0]
+    for _, sampler in by_type["KSampler"]:
+        guidance = nodes[sampler["positive"][0]]
+        assert guidance["class_type"] == "FluxGuidance" and guidance["inputs"]["guidance"] == 3.5
+        assert sampler["cfg"] == 1.0 and nodes[sampler["latent_image"][0]]["class_type"] == "EmptySD3LatentImage"
+    assert all(inputs["vae"] == [vae, 0] for _, inputs in by_type["VAEDecode"])
+    if name.endswith("full_pipeline"):
+        for kind in ("AttenCraftExtractConceptMasks", "AttenCraftTrainLoRA"):
+            (_, inputs), = by_type[kind]
+            assert (inputs["model"], inputs["clip"], inputs["vae"]) == ([unet, 0], [clip, 0], [vae, 0])

@@ -97,9 +97,10 @@ def _progress(node_id) -> ComfyProgress:
 def _checkpoint_inputs(image_tooltip: str) -> list:
     """MODEL, CLIP and VAE of one SD 1.x, 2.x or SDXL checkpoint (never changed by the pack) and the concepts' image."""
     return [
-        io.Model.Input("model", tooltip="An SD 1.x, 2.x or SDXL MODEL from Load Checkpoint (not changed)."),
-        io.Clip.Input("clip", tooltip="The CLIP from the same checkpoint (not changed)."),
-        io.Vae.Input("vae", tooltip="The VAE from the same checkpoint."),
+        io.Model.Input("model", tooltip="An SD 1.x, 2.x or SDXL MODEL from Load Checkpoint, or a Flux.1 MODEL from "
+                                        "Load Diffusion Model (not changed)."),
+        io.Clip.Input("clip", tooltip="The CLIP of the same model (Flux: DualCLIPLoader, type flux; not changed)."),
+        io.Vae.Input("vae", tooltip="The VAE of the same model."),
         io.Image.Input("image", tooltip=image_tooltip),
     ]
 
@@ -208,6 +209,9 @@ class TrainLoRA(io.ComfyNode):
                                        "where the GPU has it, else fp16). The LoRA and concept embeddings always "
                                        "learn in fp32; the CPU always uses fp32."),
                 _setting_input(TrainOptions, "gradient_checkpointing", optional=True),
+                _setting_input(TrainOptions, "resolution", optional=True, default=0, min=0, step=64,
+                               tooltip="Square side in px the image is resized to for training, 0 = the model's "
+                                       "own (SD 1.x 512, SDXL and Flux 1024); lower is faster and lighter."),
             ],
             outputs=[
                 ConceptSetType.Output(display_name="concept_set", tooltip="The trained concepts, for Apply Concepts."),
@@ -222,7 +226,8 @@ class TrainLoRA(io.ComfyNode):
     def execute(cls, model, clip, vae, image, steps, learning_rate, rank, sampling_policy, seed, name,
                 concepts=None, masks=None, concept_words="", prior_images=None, loss_mask_margin=0,
                 preview_every=100, save_every=0, keep_last=3, resume=False, overwrite=False,
-                keep_checkpoint=False, precision="auto", gradient_checkpointing=False) -> io.NodeOutput:
+                keep_checkpoint=False, precision="auto", gradient_checkpointing=False,
+                resolution=0) -> io.NodeOutput:
         _require_dependencies()
         name = check_name(name)
         sets_dir = _register_folder()
@@ -230,7 +235,8 @@ class TrainLoRA(io.ComfyNode):
         opts = TrainOptions(steps=steps, lr=learning_rate, rank=rank, policy=sampling_policy, seed=seed,
                             loss_mask_margin=loss_mask_margin, checkpoint_every=max(1, min(100, steps // 10)),
                             preview_every=preview_every, save_every=save_every, keep_last=keep_last,
-                            keep_checkpoint=keep_checkpoint, gradient_checkpointing=gradient_checkpointing)
+                            keep_checkpoint=keep_checkpoint, gradient_checkpointing=gradient_checkpointing,
+                            resolution=resolution or None)
         log = lambda line: logging.info("AttenCraft: %s", line)  # noqa: E731
         for note in notes:
             log(note)

@@ -82,8 +82,7 @@ def unet_from_comfy(model, device: torch.device, dtype: torch.dtype = torch.floa
     kind = str(getattr(base, "model_type", "")).split(".")[-1]
     if kind not in ("EPS", "V_PREDICTION"):
         raise AttenCraftError(f"This MODEL is {type(base.model_config).__name__} ({kind.lower().replace('_', '-')} "
-                              f"prediction); AttenCraft trains epsilon- and v-prediction {SUPPORTED} models: load "
-                              "one of those in Load Checkpoint.")
+                              f"prediction); AttenCraft supports {SUPPORTED}: load one of those.")
     v_pred = kind == "V_PREDICTION"
     sample_size = 128 if is_sdxl(unet_config) else 96 if v_pred else 64
     config = unet_config_to_diffusers(unet_config, sample_size=sample_size)

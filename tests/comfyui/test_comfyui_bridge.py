@@ -245,10 +245,11 @@ FLUX_SMALL = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, 
               "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True}
 
 
-@pytest.mark.parametrize("kind,unet_config", [("SD3", SD3_SMALL), ("Flux", FLUX_SMALL)])
-def test_sd3_and_flux_models_get_a_node_error_naming_them(kind, unet_config):
-    """Small SD3 / Flux MODELs built by ComfyUI's own classes: Extract and Train refuse them with a node error
-    that names the model kind and what the pack supports, before converting anything."""
+@pytest.mark.parametrize("kind,unet_config,named", [("SD3", SD3_SMALL, "SD3"),
+                                                     ("FluxInpaint", {**FLUX_SMALL, "in_channels": 96}, "Fill")])
+def test_sd3_and_flux_fill_models_get_a_node_error_naming_them(kind, unet_config, named):
+    """Small SD3 / Flux Fill MODELs built by ComfyUI's own classes: Extract and Train refuse them with a node
+    error that names the model kind and what the pack supports, before converting anything."""
     add_comfy_to_path()
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -261,12 +262,12 @@ def test_sd3_and_flux_models_get_a_node_error_naming_them(kind, unet_config):
     model = getattr(comfy.supported_models, kind)(dict(unet_config)).get_model({})
     patcher = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
     execute = node_errors(lambda: components_from_comfy(patcher, None, None))
-    with pytest.raises(AttenCraftNodeError, match=f"({kind}).*SD 1.x, SD 2.x and SDXL"):
+    with pytest.raises(AttenCraftNodeError, match=f"{named}.*Flux.1 \\(dev, schnell"):
         execute()
 
 
 def test_a_flux_lora_in_diffusers_names_loads_into_comfyui_with_every_key(caplog):
-    """Groundwork of the Flux family (#22): a PEFT LoRA on every attention projection of a diffusers Flux
+    """A PEFT LoRA on every attention projection of a diffusers Flux
     transformer (double- and single-stream blocks), saved with diffusers' names under `transformer.`, loads into
     ComfyUI's own Flux model with no key left over (q, k and v land in ComfyUI's fused qkv weights)."""
     add_comfy_to_path()

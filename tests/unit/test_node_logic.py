@@ -219,5 +219,5 @@ def test_other_model_families_are_refused():
     from attencraft_pack.nodes.bridge import unet_config_to_diffusers
 
     refiner = {**SDXL_UNET, "adm_in_channels": 2560, "context_dim": 1280, "model_channels": 384}
-    with pytest.raises(AttenCraftError, match="SD 2.x and SDXL .* this MODEL is another kind \\(the SDXL refiner"):
+    with pytest.raises(AttenCraftError, match="SDXL .* and Flux.1 .* this MODEL is another kind \\(the SDXL refiner"):
         unet_config_to_diffusers(refiner)

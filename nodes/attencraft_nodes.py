@@ -144,6 +144,9 @@ class ExtractConceptMasks(io.ComfyNode):
                                 tooltip="One word per concept, comma-separated, at least two. Each word also "
                                         "initialises that concept's token."),
                 *_mask_inputs(),
+                _setting_input(MaskOptions, "resolution", optional=True, default=0, min=0, step=64,
+                               tooltip="Square side in px the image is resized to for the attention pass, 0 = the "
+                                       "model's own (SD 1.x 512, SDXL and Flux 1024); lower is faster and lighter."),
             ],
             outputs=[
                 io.Mask.Output(display_name="masks", tooltip="One mask per concept (batch), at the image's size."),
@@ -156,12 +159,14 @@ class ExtractConceptMasks(io.ComfyNode):
 
     @classmethod
     @node_errors
-    def execute(cls, model, clip, vae, image, concepts, seed, t_min, t_max, threshold) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, image, concepts, seed, t_min, t_max, threshold,
+                resolution=0) -> io.NodeOutput:
         _require_dependencies()
         progress = _progress(cls.hidden.unique_id)
+        opts = MaskOptions(seed=seed, t_min=t_min, t_max=t_max, threshold=threshold, resolution=resolution or None)
         with torch.inference_mode(False):
             comps = components_from_comfy(model, clip, vae, progress)
-            masks, preview, value = extract(comps, image.clone(), concepts, seed, t_min, t_max, threshold, progress)
+            masks, preview, value = extract(comps, image.clone(), concepts, opts, progress)
         for note in value.notes:
             logging.info("AttenCraft: %s", note)
         summary = [f"{c.word}: attention score {s:.3f}" for c, s in zip(value.concepts, value.scores)]

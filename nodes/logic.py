@@ -62,13 +62,11 @@ def images_from_comfy(batch: torch.Tensor | None) -> list[Image.Image] | None:
     return [image_from_comfy(batch[i:i + 1])[0] for i in range(batch.shape[0])]
 
 
-def extract(comps, image: torch.Tensor, words: str, seed: int, t_min: int, t_max: int, threshold: float,
-            progress: Progress = no_progress):
+def extract(comps, image: torch.Tensor, words: str, opts: MaskOptions, progress: Progress = no_progress):
     """Extract Concept Masks: (MASK [N, H, W], overlay IMAGE [1, H, W, 3], ExtractedConcepts)."""
     concepts = parse_concepts(words)
     pil, notes = image_from_comfy(image)
-    result = extract_masks(comps, pil, concepts, MaskOptions(seed=seed, t_min=t_min, t_max=t_max,
-                                                             threshold=threshold), progress)
+    result = extract_masks(comps, pil, concepts, opts, progress)
     masks = result.masks.float()
     value = ExtractedConcepts(concepts, masks, [round(float(s), 6) for s in result.scores], notes + result.notes)
     return masks, image_to_comfy(overlay(pil, result.masks)), value

@@ -41,11 +41,13 @@ def for_nodes(message: str) -> str:
 
 def node_errors(execute):
     """Wrap a node's execute: the core's AttenCraftError becomes an AttenCraftNodeError worded for nodes, without
-    the traceback from inside the core."""
+    the traceback from inside the core. It is raised outside the handler, so it holds no reference to the core's
+    frames: their model copy (gigabytes for Flux) is freed at once, not when ComfyUI drops the error."""
     @functools.wraps(execute)
     def wrapper(*args, **kwargs):
         try:
             return execute(*args, **kwargs)
         except AttenCraftError as exc:
-            raise AttenCraftNodeError(for_nodes(str(exc))) from None
+            message = for_nodes(str(exc))
+        raise AttenCraftNodeError(message)
     return wrapper

@@ -10,7 +10,7 @@ and single-stream blocks and T5 layers: 19,38,24 is the full 12 B + 4.7 B model)
     python -m attencraft_lab.bench.training_speed --family sd2 --resolution 512 --device cuda \
         --precisions fp32,bf16,bf16+gc --steps 5                  # the GPU run (one call)
     python -m attencraft_lab.bench.training_speed --family flux --flux-depth 19,38,24 --resolution 1024 \
-        --device cuda --precisions bf16+gc --steps 5              # Flux.1-dev on a GPU (one call)
+        --device cuda --precisions fp8+gc,bf16+gc --steps 5       # Flux.1-dev on a GPU (one call)
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from attencraft_core.api import (AttenCraftError, MaskOptions, SDComponents, Trainer, TrainOptions,
-                                  ConceptTokens, concepts_prompt, encode_prompts, family_of, masks_from_latents,
-                                  parse_concepts, resolve_device, sd_noise_scheduler)
+                                  ConceptTokens, concepts_prompt, encode_prompts, family_of, keep_float8_linears,
+                                  masks_from_latents, parse_concepts, resolve_device, sd_noise_scheduler)
 
 from ..machine import machine_description
 from ..tiny_flux import build_t5_word_tokenizer
@@ -42,7 +42,20 @@ SDXL_UNET = dict(  # SDXL base 1.0's UNet (2.6 B parameters)
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+# fp8: frozen linear weights stored in float8 (as ComfyUI loads an fp8 Flux file), computed in bf16
+
+
+def to_float8(comps: SDComponents) -> SDComponents:
+    """The denoiser's and text towers' linear weights in float8 (T5's `wo` stays wide, as the bridge keeps it),
+    each layer widened to bf16 only for its product (what the bridge builds from an fp8 file)."""
+    for module in (comps.denoiser, *comps.text_modules):
+        wide = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+        for name, layer in module.named_modules():
+            if isinstance(layer, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in wide:
+                layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)
+        keep_float8_linears(module, torch.bfloat16)
+    return comps
 SHAPES = {  # UNet config and text towers (width, layers, heads)
     "sd1": (dict(cross_attention_dim=768, attention_head_dim=8), [(768, 12, 12)]),
     "sd2": (dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
@@ -182,8 +195,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     ap.add_argument("--precisions", default="fp32",
-                    help="comma list of fp32, bf16, fp16, bf16+gc: the frozen weights' dtype (LoRA and concept "
-                         "rows learn in fp32), gc = gradient checkpointing")
+                    help="comma list of fp32, bf16, fp16, fp8, bf16+gc, fp8+gc: the frozen weights' dtype (LoRA "
+                         "and concept rows learn in fp32; fp8 computes in bf16), gc = gradient checkpointing")
     ap.add_argument("--preview-every", type=int, default=100,
                     help="the training-preview interval whose cost is reported (0: not measured)")
     args = ap.parse_args()
@@ -210,7 +223,8 @@ def main() -> None:
         """One row of the table; its model and optimizer are freed on return."""
         precision, _, gc = variant.partition("+")
         dtype = DTYPES[precision]  # frozen weights; bf16 is measured on the CPU too (RSS), never chosen there
-        comps_v = build(args.family, args.resolution, dtype, args.flux_depth).to(device)
+        comps_v = build(args.family, args.resolution, dtype, args.flux_depth)
+        comps_v = (to_float8(comps_v) if precision == "fp8" else comps_v).to(device)
         opts = TrainOptions(steps=10_000, checkpoint_every=10_000, refresh_every=0,
                             gradient_checkpointing=gc == "gc", masks=MaskOptions())
         out = Path(os.environ.get("TMPDIR", "/tmp")) / "attencraft-bench"

@@ -13,6 +13,7 @@ from attencraft_pack.attencraft_core.attention import AttentionStore  # noqa: E4
 from attencraft_pack.attencraft_core.concept_file import ConceptSet  # noqa: E402
 from attencraft_pack.attencraft_core.concepts import Concept  # noqa: E402
 from attencraft_pack.attencraft_core.errors import AttenCraftError  # noqa: E402
+from attencraft_pack.attencraft_core.settings import MaskOptions  # noqa: E402
 from attencraft_pack.nodes import logic  # noqa: E402
 
 
@@ -33,14 +34,15 @@ def test_comfy_image_conversion_and_notes():
 
 def test_extract_gives_masks_overlay_and_concepts(tiny, planted_attention):
     blobs = planted_attention(2, AttentionStore)
-    masks, preview, value = logic.extract(tiny, comfy_image(two_object_array()), "cat, dog", 0, 0, 300, 0.1)
+    opts = MaskOptions(seed=0, t_min=0, t_max=300, threshold=0.1)
+    masks, preview, value = logic.extract(tiny, comfy_image(two_object_array()), "cat, dog", opts)
     assert masks.shape == (2, 64, 64) and masks.dtype == torch.float32
     assert preview.shape == (1, 64, 64, 3) and 0 <= float(preview.min()) and float(preview.max()) <= 1
     assert [c.word for c in value.concepts] == ["cat", "dog"] and len(value.scores) == 2
     low = torch.nn.functional.interpolate(masks[None], size=(16, 16), mode="area")[0] > 0.5
     assert float((low == blobs).float().mean()) > 0.95
     with pytest.raises(AttenCraftError, match="at least two concepts"):
-        logic.extract(tiny, comfy_image(two_object_array()), "cat", 0, 0, 300, 0.1)
+        logic.extract(tiny, comfy_image(two_object_array()), "cat", opts)
 
 
 def test_training_inputs_from_either_source():

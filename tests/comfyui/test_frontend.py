@@ -153,9 +153,11 @@ def test_workflow_loads_and_runs_from_the_browser(page, server, mask_seed, name)
         assert shown.startswith("a photo of embedding:attencraft/attencraft_concepts_")
 
 
-@pytest.mark.parametrize("name", ["attencraft_sdxl_full_pipeline", "attencraft_sdxl_apply_saved"])
-def test_sdxl_workflows_load_with_every_widget_in_place(page, name):
-    """No SDXL checkpoint fits this machine twice over, so these are loaded and checked, not queued."""
+@pytest.mark.parametrize("name", ["attencraft_sdxl_full_pipeline", "attencraft_sdxl_apply_saved",
+                                  "attencraft_flux_full_pipeline", "attencraft_flux_apply_saved"])
+def test_sdxl_and_flux_workflows_load_with_every_widget_in_place(page, name):
+    """No SDXL or Flux model fits this machine twice over, so these are loaded and checked, not queued (the Flux
+    ones ran through the HTTP API in test_flux_server.py)."""
     nodes = load(page, name)
     api = json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text())
     assert all(n["registered"] for n in nodes)
@@ -163,4 +165,5 @@ def test_sdxl_workflows_load_with_every_widget_in_place(page, name):
         for input_name, value in api.get(str(node["id"]), {}).get("inputs", {}).items():
             if not isinstance(value, list) and input_name in node["widgets"]:
                 assert node["widgets"][input_name] == value, f"{name}: node {node['id']}.{input_name}"
-    assert next(n for n in nodes if n["type"] == "EmptyLatentImage")["widgets"]["width"] == 1024
+    latent = "EmptySD3LatentImage" if "flux" in name else "EmptyLatentImage"
+    assert next(n for n in nodes if n["type"] == latent)["widgets"]["width"] == 1024

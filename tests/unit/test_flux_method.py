@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from PIL import Image
 from safetensors.torch import load_file
 
 from attencraft_core import AttenCraftError, parse_concepts
+from attencraft_core.cli import main
 from attencraft_core.concept_file import ConceptSet
 from attencraft_core.generation import generate
 from attencraft_core.mask_math import derived_background
@@ -149,3 +151,36 @@ def test_a_saved_set_applies_and_generates_the_same_images(model, request, tmp_p
     assert drawn[0].size == (64, 64) and np.array_equal(np.asarray(drawn[0]), np.asarray(again[0]))
     other_cfg = generate(fresh, [prompt], seed=3, steps=3, cfg=5.0)
     assert not np.array_equal(np.asarray(other_cfg[0]), np.asarray(again[0]))  # the guidance reaches the sampler
+
+
+def test_gradient_checkpointing_trains_the_same_weights_on_flux(flux_dir, tmp_path):
+    plain_comps, checkpointed_comps = load_components(flux_dir), load_components(flux_dir)
+    plain = make_trainer(plain_comps, tmp_path / "a", steps=2)
+    plain.run("p")
+    checkpointed = make_trainer(checkpointed_comps, tmp_path / "b", steps=2, gradient_checkpointing=True)
+    checkpointed.run("c")
+    lora = dict(checkpointed_comps.denoiser.named_parameters())
+    for name, param in plain_comps.denoiser.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(lora[name], param, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(checkpointed.tokens.rows(), plain.tokens.rows(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_command_line_trains_and_generates_on_a_flux_folder(flux_dir, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    scene_image().save(image)
+    masks = []
+    for i, mask in enumerate(quadrant_blobs(64, 2)):
+        masks.append(tmp_path / f"m{i}.png")
+        Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(masks[-1])
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(flux_dir), "--image", str(image), "--concepts", "cat,dog", "--masks",
+                 ",".join(map(str, masks)), "--out", str(out), "--steps", "2", "--rank", "2", "--prior-weight", "0",
+                 "--name", "fl"])
+    assert code == 0, capsys.readouterr().err
+    assert {p.name for p in out.glob("fl*.safetensors")} == {"fl.safetensors", "fl_lora_diffusers.safetensors",
+                                                              "fl_c0.safetensors", "fl_c1.safetensors"}
+    drawn = tmp_path / "gen.png"
+    code = main(["generate", "--model", str(flux_dir), "--concepts", str(out / "fl.safetensors"), "--prompt",
+                 "a photo of <c0> on the beach", "--out", str(drawn), "--steps", "2"])
+    assert code == 0 and Image.open(drawn).size == (64, 64)

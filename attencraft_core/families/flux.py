@@ -5,7 +5,7 @@ padded to 256 tokens as ComfyUI's CLIP Text Encode pads it for Flux; dev's guida
 guidance value. Rectified flow: noisy = (1 - s) x + s e with s logit-normal and shifted for the image's token
 count as Flux's scheduler shifts it, target e - x. The transformer reads latents packed into 2x2 patches.
 
-Attention: the image-query x text-key attention of the later half of the double-stream blocks is the
+Attention: the image-query x text-key attention of the last quarter of the double-stream blocks is the
 cross-attention the method reads, and image-query x image-key the self-attention, both on the 2x2-patch grid
 (latent/2). T5 has no start token, so no token stands for the background: the masks derive it from the concepts'
 maps (see masks.py), and the attention loss has no background term. Timestep t of the mask options is the noise
@@ -38,6 +38,11 @@ LORA_TARGETS = {  # regexes over the transformer's module names (PEFT matches th
 }
 
 
+def last_quarter(blocks: int) -> list[int]:
+    """The last quarter of `blocks` double-stream blocks, at least one (Flux.1: 15-18 of 19)."""
+    return list(range(blocks - max(1, blocks // 4), blocks))
+
+
 def t5_length(comps) -> int:
     """The T5 sequence length the transformer sees: ComfyUI's (padding changes a Flux image: the padding tokens
     take part in the joint attention), or the tokenizer's limit if lower."""
@@ -47,7 +52,7 @@ def t5_length(comps) -> int:
 class Flux:
     lora_format = "diffusers"
     default_cfg = GUIDANCE
-    # the double-stream blocks whose attention the method reads; None: the later half (docs/quality.md measures it)
+    # the double-stream blocks whose attention the method reads; None: the last quarter (docs/quality.md measures it)
     mask_blocks: list[int] | None = None
     background_level: float | None = None  # the derived background (mask_math.derived_background)
 
@@ -96,7 +101,7 @@ class Flux:
 
     def record_attention(self, comps, store, opts, kinds=("cross", "self"), detach_background: bool = False):
         blocks = len(double_stream_processors(comps.denoiser))
-        chosen = self.mask_blocks if self.mask_blocks is not None else list(range(blocks // 2, blocks))
+        chosen = self.mask_blocks if self.mask_blocks is not None else last_quarter(blocks)
         return record_joint_attention(comps.denoiser, store, chosen, kinds)
 
     def noised(self, comps, latents: torch.Tensor, noise: torch.Tensor, t: int):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from attencraft_core.api import MaskOptions, extract_masks, generate, load_components, parse_concepts
+from attencraft_core.api import AttenCraftError, MaskOptions, extract_masks, generate, load_components, parse_concepts
 from attencraft_lab.toy.dit import DIT_WEIGHTS_DIR
 from attencraft_lab.toy.evaluate import mask_iou
 from attencraft_lab.toy.judge import analyse
@@ -16,7 +16,6 @@ from attencraft_lab.toy.train import object_word_positions
 from attencraft_lab.toy.train_dit import t5_word_groups, train
 from attencraft_lab.toy.world import random_scene
 
-DRAWS_FLOOR = 2  # of 4: the shipped DiT toy is weaker than the UNet toy (docs/quality.md)
 
 
 def test_t5_word_groups_follow_the_caption_words_without_a_background_token():
@@ -43,25 +42,33 @@ needs_dit_weights = pytest.mark.skipif(not (DIT_WEIGHTS_DIR / "transformer").is_
 
 
 @needs_dit_weights
-def test_the_shipped_dit_toy_loads_offline_and_draws_what_the_caption_asks():
-    """Offline, seeded, 20 flow-matching steps with true classifier-free guidance: the asked colour and shape,
-    judged, in most of four prompts; and it loads as diffusers' FluxPipeline itself."""
+def test_the_shipped_dit_toy_loads_offline_and_draws_an_object_of_the_asked_colour():
+    """Offline, seeded, 20 flow-matching steps with true classifier-free guidance: an object of the asked colour,
+    judged, in most of four prompts, and each colour more often where it is asked than where another is (the
+    undertrained toy rarely gets the shape right: docs/quality.md); it loads as diffusers' FluxPipeline too."""
     FluxPipeline.from_pretrained(DIT_WEIGHTS_DIR, local_files_only=True, dtype=torch.float32)
     comps = load_components(DIT_WEIGHTS_DIR)
     assert comps.family == "flux" and not comps.denoiser.config.guidance_embeds
     asked = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("green", "diamond")]
     images = generate(comps, [f"a photo of a {c} {s}" for c, s in asked], seed=0, steps=20, cfg=5.0)
-    found = [any((d.colour, d.shape) == pair for d in analyse(im)) for pair, im in zip(asked, images)]
-    assert sum(found) >= DRAWS_FLOOR, f"the judge found the asked colour and shape in {found}"
+    colours = [{d.colour for d in analyse(im)} for im in images]
+    own = [colour in colours[i] for i, (colour, _) in enumerate(asked)]
+    elsewhere = [colour in colours[j] for i, (colour, _) in enumerate(asked) for j in range(len(asked)) if j != i]
+    assert sum(own) >= 3, f"the judge found the asked colour in {own}"
+    assert sum(own) / len(own) > sum(elsewhere) / len(elsewhere), f"colours drawn: {colours}"
 
 
 @needs_dit_weights
 def test_the_shipped_dit_toys_joint_attention_masks_stay_above_the_floor():
+    """Held-out two-object scenes at 128 px, as bench/quality.py measures them: a refused scene counts as 0."""
     comps = load_components(DIT_WEIGHTS_DIR)
     ious = []
-    for i in range(4):
+    for i in range(6):
         scene = random_scene(random.Random(2000 + i), count=2, held_out=True)
-        result = extract_masks(comps, scene.image, parse_concepts([o.colour for o in scene.objects]),
-                               MaskOptions(seed=0, resolution=128))
-        ious += [mask_iou(m.numpy(), t) for m, t in zip(result.masks, scene.masks)]
-    assert np.mean(ious) >= 0.5, f"mean mask IoU {np.mean(ious):.3f}"
+        try:
+            result = extract_masks(comps, scene.image, parse_concepts([o.colour for o in scene.objects]),
+                                   MaskOptions(seed=0, resolution=128))
+            ious += [mask_iou(m.numpy(), t) for m, t in zip(result.masks, scene.masks)]
+        except AttenCraftError:
+            ious += [0.0, 0.0]
+    assert np.mean(ious) >= 0.5, f"mean mask IoU {np.mean(ious):.3f} ({ious})"

@@ -298,6 +298,24 @@ def api_workflow(name: str, ckpt: str, **overrides) -> dict:
     return load_client().apply_overrides(wf, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
+def with_user_masks(wf: dict, input_dir: Path, prefix: str) -> dict:
+    """A full-pipeline API workflow whose Train LoRA takes the user's masks (the left and right halves of the
+    example image, "ball, cube", written into `input_dir`) instead of Extract's: Extract and its overlay go."""
+    from PIL import Image
+
+    for side, box in (("left", (0, 0, 256, 512)), ("right", (256, 0, 512, 512))):
+        mask = Image.new("RGB", (512, 512))
+        mask.paste((255, 255, 255), box)
+        mask.save(input_dir / f"{prefix}_{side}.png")
+    del wf["3"], wf["4"], wf["5"]["inputs"]["concepts"]
+    wf["5"]["inputs"].update({"masks": ["93", 0], "concept_words": "ball, cube"})
+    wf.update({"90": {"class_type": "LoadImage", "inputs": {"image": f"{prefix}_left.png"}},
+               "91": {"class_type": "LoadImage", "inputs": {"image": f"{prefix}_right.png"}},
+               "92": {"class_type": "ImageBatch", "inputs": {"image1": ["90", 0], "image2": ["91", 0]}},
+               "93": {"class_type": "ImageToMask", "inputs": {"image": ["92", 0], "channel": "red"}}})
+    return wf
+
+
 def find_mask_seed(run, ckpt: str) -> int:
     """A tiny checkpoint has random attention: the first mask seed whose masks separate the two concepts.
     `run(workflow)` returns the history entry."""

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from attencraft_core.checkpoint import load_checkpoint
 from comfy_support import (ROOT, ComfyServer, api_workflow, build_sd15_checkpoint, build_sdxl_checkpoint, comfy_dir,
-                          find_mask_seed, load_client)
+                          find_mask_seed, load_client, with_user_masks)
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")]
@@ -210,19 +210,10 @@ def test_sdxl_workflows_run_on_a_checkpoint_comfyui_detects_as_sdxl(server):
     entry, _ = run(server, {k: v for k, v in wf.items() if k in ("1", "2", "3", "4")})
     assert "Ambiguous masks" in client.failure_message(entry) and "AttenCraftExtractConceptMasks" in client.failure_message(entry)
 
-    for name, box in (("xl_left.png", (0, 0, 256, 512)), ("xl_right.png", (256, 0, 512, 512))):
-        mask = Image.new("RGB", (512, 512))
-        mask.paste((255, 255, 255), box)
-        mask.save(server.base / "input" / name)
     latents = {f"43.{side}": 256 for side in ("width", "height")}
-    wf = api_workflow("attencraft_sdxl_full_pipeline", SDXL_CKPT, **{
+    wf = with_user_masks(api_workflow("attencraft_sdxl_full_pipeline", SDXL_CKPT, **{
         "5.steps": 2, "5.learning_rate": 0.01, "5.rank": 4, "5.name": "xl", "5.prior_images": ["2", 0],
-        "5.preview_every": 0, "5.masks": ["93", 0], "5.concept_words": "ball, cube", **latents})
-    del wf["3"], wf["4"], wf["5"]["inputs"]["concepts"]  # user masks instead of extracted ones
-    wf.update({"90": {"class_type": "LoadImage", "inputs": {"image": "xl_left.png"}},
-               "91": {"class_type": "LoadImage", "inputs": {"image": "xl_right.png"}},
-               "92": {"class_type": "ImageBatch", "inputs": {"image1": ["90", 0], "image2": ["91", 0]}},
-               "93": {"class_type": "ImageToMask", "inputs": {"image": ["92", 0], "channel": "red"}}})
+        "5.preview_every": 0, **latents}), server.base / "input", "xl")
     started = time.time()
     entry, events = run(server, wf, timeout=1800)
     seconds = time.time() - started

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from comfy_support import ComfyServer, api_workflow, build_flux_files, comfy_dir, load_client
+from comfy_support import ComfyServer, api_workflow, build_flux_files, comfy_dir, load_client, with_user_masks
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(comfy_dir() is None, reason="COMFYUI_DIR is not set (ComfyUI is not on PyPI)")]
@@ -71,18 +71,9 @@ def test_flux_workflows_run_on_the_files_comfyui_loads_flux_from(server):
     assert failure is None or ("AttenCraftExtractConceptMasks" in failure and (
         "Ambiguous masks" in failure or "No pixel was confidently given" in failure)), failure
 
-    for name, box in (("fx_left.png", (0, 0, 256, 512)), ("fx_right.png", (256, 0, 512, 512))):
-        mask = Image.new("RGB", (512, 512))
-        mask.paste((255, 255, 255), box)
-        mask.save(server.base / "input" / name)
-    wf = flux_workflow(server, "attencraft_flux_full_pipeline", **{
+    wf = with_user_masks(flux_workflow(server, "attencraft_flux_full_pipeline", **{
         "5.steps": 2, "5.learning_rate": 0.01, "5.rank": 4, "5.name": "fx", "5.prior_images": ["2", 0],
-        "5.preview_every": 0, "5.resolution": 256, "5.masks": ["93", 0], "5.concept_words": "ball, cube"})
-    del wf["3"], wf["4"], wf["5"]["inputs"]["concepts"]  # user masks instead of extracted ones
-    wf.update({"90": {"class_type": "LoadImage", "inputs": {"image": "fx_left.png"}},
-               "91": {"class_type": "LoadImage", "inputs": {"image": "fx_right.png"}},
-               "92": {"class_type": "ImageBatch", "inputs": {"image1": ["90", 0], "image2": ["91", 0]}},
-               "93": {"class_type": "ImageToMask", "inputs": {"image": ["92", 0], "channel": "red"}}})
+        "5.preview_every": 0, "5.resolution": 256}), server.base / "input", "fx")
     started = time.time()
     entry, events = run(server, wf)
     seconds = time.time() - started

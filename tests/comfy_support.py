@@ -220,6 +220,25 @@ def build_flux_files(folder: Path | None = None, seed: int = 0) -> dict[str, Pat
     return paths
 
 
+def build_flux_checkpoint(seed: int = 0) -> Path:
+    """The four Flux files (build_flux_files) as one single-file checkpoint, as ComfyUI's Load Checkpoint reads an
+    all-in-one Flux file: model.diffusion_model., text_encoders.clip_l/t5xxl.transformer., vae. (6.2 GB, cached)."""
+    from safetensors.torch import load_file, save_file
+
+    path = test_cache() / f"flux_{seed}" / "flux_tiny_dev_checkpoint.safetensors"
+    if path.is_file():
+        return path
+    files = build_flux_files(seed=seed)
+    state = {}
+    for kind, prefix in (("unet", "model.diffusion_model."), ("clip_l", "text_encoders.clip_l.transformer."),
+                         ("t5xxl", "text_encoders.t5xxl.transformer."), ("vae", "vae.")):
+        state.update({prefix + k: v for k, v in load_file(str(files[kind])).items()})
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return path
+
+
 # Flux.1-dev as ComfyUI's detection reads it, at depth one (ComfyUI fixes the width: 3072, 24 heads)
 FLUX_DEV_LAYOUT = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "patch_size": 2,
                    "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,

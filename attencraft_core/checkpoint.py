@@ -8,6 +8,7 @@ pickle-based `checkpoint.pt` of earlier versions is refused, never loaded.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import AttenCraftError
 from .outputs import atomic_write, remove_stale_temporaries
+from .reading import refuse_special_file, require_regular_file
 from .validation import first_non_finite
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -61,7 +63,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     Every floating tensor must be finite: a run that diverged is not resumed.
     """
-    path = Path(path)
+    path = require_regular_file(path, "Checkpoint")
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
@@ -94,6 +96,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 def refuse_legacy(folder: Path) -> None:
     """Refuse the pickle-based checkpoint of earlier versions: loading it could run code."""
     legacy = folder / LEGACY_CHECKPOINT
+    refuse_special_file(folder / CHECKPOINT, "Checkpoint")
     if legacy.is_file() and not (folder / CHECKPOINT).is_file():
         raise AttenCraftError(f"{legacy} is an old-format (pickle) checkpoint, which is never loaded because a "
                               "crafted one can run code. Train again without --resume, or in a new folder.")
@@ -102,3 +105,76 @@ def refuse_legacy(folder: Path) -> None:
 def _refuse_constant(name: str):
     raise ValueError(f"non-finite number {name}")
 
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_training_state(tensors: dict[str, torch.Tensor], info: dict, n_concepts: int, steps: int,
+                         mask_shape: tuple[int, ...], optimizer: torch.optim.Optimizer) -> None:
+    """Check every field a checkpoint holds against the run that resumes it (types, ranges, shapes), before
+    the first step: a ValueError names the first field that is wrong. `optimizer` is the run's fresh one: the
+    saved state must fit its parameters, and its settings (learning rates included) are never taken from the
+    file."""
+    step = info.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"its step {step!r} is not a step count")
+    if step > steps:
+        raise ValueError(f"it is at step {step}, past the {steps} steps asked: raise steps to at least {step} to "
+                         "continue it")
+    history = info.get("history")
+    if not isinstance(history, list) or len(history) != step:
+        raise ValueError(f"its history is not a list of {step} steps")
+    for i, record in enumerate(history):
+        if not (isinstance(record, dict) and record.get("step") == i + 1 and _is_number(record.get("loss"))
+                and isinstance(record.get("concepts"), list)
+                and all(isinstance(c, int) and 0 <= c < n_concepts for c in record["concepts"])):
+            raise ValueError(f"its history entry {i + 1} is not a training step of this run")
+    events = info.get("events")
+    if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+        raise ValueError("its events are not a list of text lines")
+    sampler = info.get("sampler")
+    if not (isinstance(sampler, dict) and isinstance(sampler.get("rng"), list) and len(sampler["rng"]) == 3
+            and isinstance(sampler.get("scores"), list) and len(sampler["scores"]) == n_concepts):
+        raise ValueError("its sampler state does not fit this run")
+    scores = tensors.get("scores")
+    if scores is None or tuple(scores.shape) != (n_concepts,) or not ((scores >= 0) & (scores <= 1)).all():
+        raise ValueError(f"its attention scores are not {n_concepts} numbers in [0, 1]")
+    masks = tensors.get("masks")
+    if masks is None or tuple(masks.shape) != tuple(mask_shape):
+        raise ValueError(f"its masks are of shape {None if masks is None else tuple(masks.shape)}, expected "
+                         f"{tuple(mask_shape)}")
+    empty = [i for i, m in enumerate(masks) if not m.any()]
+    if empty:
+        raise ValueError(f"its mask of concept {empty[0]} is empty")
+    scaler = info.get("scaler")
+    if not isinstance(scaler, dict) or not all(_is_number(v) for v in scaler.values()) or (
+            "scale" in scaler and scaler["scale"] <= 0):
+        raise ValueError("its gradient-scaler state is not a set of finite numbers")
+    saved = info.get("optimizer")
+    if not (isinstance(saved, dict) and isinstance(saved.get("param_groups"), list)
+            and isinstance(saved.get("scalars"), dict)):
+        raise ValueError("its optimizer state is damaged")
+    groups = optimizer.param_groups
+    fresh = optimizer.state_dict()["param_groups"]
+    if [(g.get("name"), g.get("params")) for g in saved["param_groups"] if isinstance(g, dict)] != [
+            (g["name"], g["params"]) for g in fresh]:
+        raise ValueError("its optimizer's parameter groups are not this run's")
+    params = [p for g in groups for p in g["params"]]
+    for name, value in tensors.items():
+        if not name.startswith("optimizer."):
+            continue
+        index, key = name[len("optimizer."):].split(".", 1)
+        if not index.isdigit() or int(index) >= len(params):
+            raise ValueError(f"its optimizer state {name} belongs to no parameter")
+        param = params[int(index)]
+        expected = () if key == "step" else tuple(param.shape)
+        if key not in ("step", "exp_avg", "exp_avg_sq") or tuple(value.shape) != expected:
+            raise ValueError(f"its optimizer state {name} of shape {tuple(value.shape)} does not fit the "
+                             f"parameter's {tuple(param.shape)}")
+        if key == "step" and not 0 <= float(value) <= step:
+            raise ValueError(f"its optimizer step count {float(value)} does not fit step {step}")
+    for name, value in saved["scalars"].items():
+        if not _is_number(value):
+            raise ValueError(f"its optimizer value {name} is not a finite number")

@@ -19,6 +19,7 @@ from .errors import AttenCraftError
 from .families import family_named, family_of
 from .lora import TARGETS, load_lora_state_dict, set_lora_strength
 from .options import settings_of
+from .reading import require_regular_file
 from .outputs import atomic_write
 from .settings import TrainOptions
 from .validation import first_non_finite, require_number
@@ -104,9 +105,7 @@ class ConceptSet:
         """Read a concept set written by `save`, checking everything in it first (the file may come from
         anyone): header size, metadata schema, tensor names, shapes, dtypes and finite values. Any problem is
         one AttenCraftError naming the file and what is wrong; nothing in the file is executed."""
-        path = Path(path)
-        if not path.is_file():
-            raise AttenCraftError(f"Concept file {str(path)!r} does not exist.")
+        path = require_regular_file(path, "Concept file")
         check_header_size(path)
         try:
             with safe_open(str(path), framework="pt") as f:

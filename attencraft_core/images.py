@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import AttenCraftError
+from .reading import require_regular_file
 
 MIN_IMAGE_SIDE = 64
 EXIF_ORIENTATION = 0x0112
@@ -21,9 +22,7 @@ MAX_IMAGE_SIDE = 8192  # larger images are refused before they are decoded (a de
 def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE) -> tuple[Image.Image, list[str]]:
     """Open an image as RGB, turned upright by its EXIF orientation (as ComfyUI's Load Image does). Returns the
     image and notes (e.g. that an RGBA image was converted). Sizes are checked from the header before decoding."""
-    path = Path(path)
-    if not path.is_file():
-        raise AttenCraftError(f"Image {str(path)!r} does not exist{' (it is a folder)' if path.is_dir() else ''}.")
+    path = require_regular_file(path, "Image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

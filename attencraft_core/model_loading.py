@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ from .errors import AttenCraftError
 from .families import family_of
 from .frozen_fp8 import compute_dtype
 from .progress import Progress, no_progress
-from .validation import first_non_finite
+from .reading import read_json_object, require_regular_file
+from .validation import first_non_finite, require_number
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
@@ -80,10 +80,19 @@ class SDComponents:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AttenCraftError(f"Cannot read {path}: {exc}. Is the model folder complete?") from exc
+    return read_json_object(path, "Model file")
+
+
+def check_part_files(root: Path, parts: tuple[str, ...]) -> None:
+    """Every file in the model's part folders is a regular file (a FIFO would block the loader forever) and
+    every JSON file in them holds an object."""
+    for part in parts:
+        for path in sorted((root / part).iterdir()):
+            if path.is_dir():
+                continue
+            require_regular_file(path, "Model file")
+            if path.suffix == ".json":
+                _read_json(path)
 
 
 SUPPORTED = "Stable Diffusion 1.x, 2.x, SDXL (base and its fine-tunes) or Flux.1 (dev, schnell and their fine-tunes)"
@@ -92,7 +101,7 @@ SUPPORTED = "Stable Diffusion 1.x, 2.x, SDXL (base and its fine-tunes) or Flux.1
 def check_flux_dir(root: Path) -> Path:
     """Check a diffusers folder with a transformer: Flux.1 text-to-image (FluxPipeline) only."""
     index = root / "model_index.json"
-    cls = _read_json(index).get("_class_name", "") if index.is_file() else ""
+    cls = str(_read_json(index).get("_class_name", "")) if index.is_file() else ""
     if cls and cls != "FluxPipeline":
         raise AttenCraftError(f"{root} is a {cls} model; AttenCraft supports {SUPPORTED} text-to-image models "
                               "(Flux Fill, Canny, Depth, Kontext and Redux are other tasks).")
@@ -100,6 +109,7 @@ def check_flux_dir(root: Path) -> Path:
     if missing:
         raise AttenCraftError(f"Flux model folder {root} is missing {', '.join(missing)}. A diffusers Flux folder "
                               f"has the sub-folders {', '.join(FLUX_PARTS)}; re-export or re-copy the model.")
+    check_part_files(root, FLUX_PARTS)
     config = _read_json(root / "transformer" / "config.json")
     packed = 4 * _read_json(root / "vae" / "config.json").get("latent_channels", 16)  # 2x2 patches of latents
     if config.get("_class_name") != "FluxTransformer2DModel" or config.get("in_channels") != packed:
@@ -133,7 +143,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
         return check_flux_dir(root)
     index = root / "model_index.json"
     if index.is_file():
-        cls = _read_json(index).get("_class_name", "")
+        cls = str(_read_json(index).get("_class_name", ""))
         if cls and "StableDiffusion" not in cls:
             raise AttenCraftError(f"{root} is a {cls} model; AttenCraft supports {SUPPORTED} models.")
         if "Img2Img" in cls or "Video" in cls or "Upscale" in cls:
@@ -148,6 +158,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
         raise AttenCraftError(
             f"Model folder {root} is missing {', '.join(missing)}. A diffusers folder of this model has the "
             f"sub-folders {', '.join(parts)}; re-export or re-copy the model.")
+    check_part_files(root, parts)
     unet_cfg = root / "unet" / "config.json"
     if not unet_cfg.is_file():
         raise AttenCraftError(f"{unet_cfg} is missing: the unet folder is incomplete.")
@@ -179,6 +190,40 @@ def check_loaded_weights(name: str, folder: Path, module: torch.nn.Module) -> No
     if param_name is not None:
         raise AttenCraftError(f"{folder}: the {name} weight {param_name} holds NaN or infinite values; the "
                               "model file is damaged. Re-copy or re-export the model.")
+
+
+MAX_TIMESTEPS = 100_000
+
+
+def check_model_constants(comps: SDComponents) -> None:
+    """Refuse a model whose configs give sizes or constants the method cannot work with (a damaged or edited
+    config.json), before anything is allocated from them: the native resolution, the VAE's scaling, the noise
+    schedule. One error names the file and the value."""
+    source = comps.source or "the model"
+    try:
+        side = comps.native_resolution
+    except (TypeError, ValueError, IndexError) as exc:
+        raise AttenCraftError(f"{source}: the model's sample_size in its config is not a size ({exc}).") from exc
+    try:
+        require_number("The model's native resolution (sample_size in its config x the VAE factor)", side, 8, 8192,
+                       integer=True, multiple_of=8)
+        vae = comps.vae.config
+        require_number("The VAE's scaling_factor (vae/config.json)", vae.scaling_factor, 0, 100, low_open=True)
+        require_number("The VAE's shift_factor (vae/config.json)", getattr(vae, "shift_factor", None) or 0.0, -100,
+                       100)
+        sched = comps.noise_scheduler
+        require_number("num_train_timesteps (scheduler_config.json)", sched.config.num_train_timesteps, 1,
+                       MAX_TIMESTEPS, integer=True)
+        for key in ("beta_start", "beta_end", "shift", "base_shift", "max_shift"):
+            value = sched.config.get(key)
+            if value is not None:
+                require_number(f"{key} (scheduler_config.json)", value, 0, 100)
+        alphas = getattr(sched, "alphas_cumprod", None)
+        if alphas is not None and not (torch.isfinite(alphas).all() and (alphas > 0).all() and (alphas <= 1).all()):
+            raise AttenCraftError("its noise schedule (beta_start, beta_end, beta_schedule in scheduler_config.json) "
+                                  "gives noise levels outside (0, 1].")
+    except AttenCraftError as exc:
+        raise AttenCraftError(f"{source}: {exc} The config is damaged or edited: re-copy the model.") from None
 
 
 @contextmanager
@@ -253,6 +298,7 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
     mismatch = family_of(comps).text_width_mismatch(comps)
     if mismatch:
         raise AttenCraftError(f"{root}: {mismatch}: components from different models.")
+    check_model_constants(comps)
     for module in (comps.denoiser, comps.vae, *comps.text_modules):
         module.requires_grad_(False).eval()
     comps.to(torch.device(device), dtype)

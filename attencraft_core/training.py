@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw
 
 from . import mask_math
 from .attention import AttentionStore, map_side
-from .checkpoint import (CHECKPOINT, load_checkpoint, optimizer_from_flat, optimizer_to_flat, refuse_legacy,
-                         save_checkpoint)
+from .checkpoint import (CHECKPOINT, check_training_state, load_checkpoint, optimizer_from_flat, optimizer_to_flat,
+                         refuse_legacy, save_checkpoint)
 from .concept_file import ConceptSet
 from .concept_tokens import ConceptTokens
 from .concepts import Concept, concepts_prompt
@@ -32,7 +32,7 @@ from .masks import concept_attention, masks_from_latents
 from .model_loading import SDComponents
 from .outputs import ensure_out_dir, safe_name, save_image, write_json
 from .progress import Progress, no_progress
-from .run_folder import RunLock, earlier_run_files, snapshot_name, snapshots
+from .run_folder import RunLock, RunManifest, earlier_run_files, other_files, run_files, snapshot_name, snapshots
 from .sampling import ConceptSampler
 from .settings import TrainOptions
 
@@ -171,6 +171,7 @@ class Trainer:
         self._class_conditioning = None
         self.resolution = self.opts.resolution or comps.native_resolution
         self.out = ensure_out_dir(out_dir)
+        self.manifest = RunManifest(self.out)
         self.device = comps.device
         self.history: list[dict] = []
         self.start_step = 0
@@ -317,7 +318,9 @@ class Trainer:
                    "generator": self.generator.get_state(), **optimizer_tensors}
         info = {"step": step, "sampler": self.sampler.state(), "history": self.history, "events": self.events,
                 "optimizer": optimizer_info, "scaler": self.trainables.scaler.state_dict(), **self._signature()}
-        return save_checkpoint(self.out / CHECKPOINT, tensors, info)
+        path = save_checkpoint(self.out / CHECKPOINT, tensors, info)
+        self.manifest.add(path)
+        return path
 
     def resume(self) -> int:
         """Load out/checkpoint.safetensors if present; returns the step it continues from (0 if none)."""
@@ -340,16 +343,17 @@ class Trainer:
                                   "Resume with the same model, image, masks and settings, or use another output "
                                   "folder.")
         try:
+            check_training_state(tensors, info, len(self.concepts), self.opts.steps, self.masks.shape, self.optimizer)
             lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
             embeddings = tensors["embeddings"]
             if tuple(embeddings.shape) != (len(self.token_ids), sum(self.tokens.widths)):
                 raise ValueError(f"embeddings of shape {tuple(embeddings.shape)}")
             masks = tensors["masks"].bool()
-            if tuple(masks.shape) != tuple(self.masks.shape):
-                raise ValueError(f"masks of shape {tuple(masks.shape)}, expected {tuple(self.masks.shape)}")
             copy_lora_weights(self.comps.denoiser, lora)
             self.tokens.set_rows(embeddings)
-            self.optimizer.load_state_dict(optimizer_from_flat(tensors, info["optimizer"]))
+            optimizer_state = optimizer_from_flat(tensors, info["optimizer"])
+            optimizer_state["param_groups"] = self.optimizer.state_dict()["param_groups"]  # settings are this run's
+            self.optimizer.load_state_dict(optimizer_state)
             if info["scaler"]:
                 self.trainables.scaler.load_state_dict(info["scaler"])
             self.generator.set_state(tensors["generator"])
@@ -383,15 +387,24 @@ class Trainer:
             return self._run(name)
 
     def _clear_earlier_run(self, replace: bool) -> None:
+        """Refuse a folder that holds another run's files, or with `replace` delete the files its manifest lists
+        (a checkpoint of a version that kept no manifest is overwritten by this run's); every other file stays,
+        named in an event."""
         earlier = earlier_run_files(self.out)
         if earlier and not replace:
             names = ", ".join(p.name for p in earlier[:4]) + (", ..." if len(earlier) > 4 else "")
             raise AttenCraftError(f"{self.out} holds another training run's files ({names}): use another output "
                                   "folder, resume that run, or replace its files (--overwrite on the command line).")
-        for path in earlier:
+        ours = run_files(self.out)
+        for path in ours:
             path.unlink(missing_ok=True)
-        if earlier:
-            self._event(f"removed {len(earlier)} files of an earlier run")
+        self.manifest.discard(*ours)
+        if ours:
+            self._event(f"removed {len(ours)} files of an earlier run")
+        kept = other_files(self.out)
+        if earlier and kept:
+            self._event(f"kept {len(kept)} files no run wrote: " + ", ".join(p.name for p in kept[:8])
+                        + (", ..." if len(kept) > 8 else ""))
 
     def _run(self, name: str) -> TrainResult:
         o = self.opts
@@ -423,17 +436,21 @@ class Trainer:
             self.trainables.release(self.comps.denoiser)
         result = TrainResult(self.concept_set(), self.history, self.events)
         result.files = write_outputs(self.out, name, result, self.masks, self.sampler.ratios(),
-                                     time.perf_counter() - started)
+                                     time.perf_counter() - started, self.manifest)
         if not o.keep_checkpoint:  # only after the outputs are safely written
             (self.out / CHECKPOINT).unlink(missing_ok=True)
+            self.manifest.discard(CHECKPOINT)
         return result
 
     def save_snapshot(self, name: str, step: int) -> Path:
         """A usable concept set of the weights at `step` (<name>_step<N>.safetensors); only the newest
         `keep_last` are kept."""
         path = self.concept_set().save(self.out / snapshot_name(name, step))
-        for old in snapshots(self.out, name)[:-self.opts.keep_last]:
-            old.unlink(missing_ok=True)
+        self.manifest.add(path)
+        old = snapshots(self.out, name)[:-self.opts.keep_last]
+        for path_old in old:
+            path_old.unlink(missing_ok=True)
+        self.manifest.discard(*old)
         return path
 
     def preview(self, name: str, step: int) -> Image.Image:
@@ -450,24 +467,29 @@ class Trainer:
             unet.train(was_training)
         sheet = contact_sheet([(f"{c.placeholder} {c.word}, step {step}", [im])
                                for c, im in zip(self.concepts, images)], tile=min(256, images[0].width))
-        save_image(self.out / f"{name}_preview_{step:06d}.png", sheet)
+        self.manifest.add(save_image(self.out / f"{name}_preview_{step:06d}.png", sheet))
         if self.on_preview:
             self.on_preview(step, sheet)
         return sheet
 
 
 def write_outputs(out: Path, name: str, result: TrainResult, masks: torch.Tensor, ratios: dict,
-                  seconds: float) -> dict[str, Path]:
-    """The run's files in `out`: the concept set and its exports, the final masks, the loss curve and the log."""
+                  seconds: float, manifest: RunManifest) -> dict[str, Path]:
+    """The run's files in `out`: the concept set and its exports, the final masks, the loss curve and the log,
+    each added to the folder's manifest once written."""
     concepts = result.concept_set.concepts
     files = result.concept_set.export(out, name)
+    manifest.add(*files.values())
     for i, (concept, mask) in enumerate(zip(concepts, masks)):
         files[f"mask_{i}"] = save_image(out / f"{name}_mask_{i}_{safe_name(concept.word)}.png", mask_to_image(mask))
+        manifest.add(files[f"mask_{i}"])
     files["loss_curve"] = save_image(out / f"{name}_loss.png", loss_curve(result.history))
+    manifest.add(files["loss_curve"])
     files["log"] = write_json(out / f"{name}_train.json", {
         "concepts": [{"word": c.word, "placeholder": c.placeholder} for c in concepts],
         "seconds": round(seconds, 2), "events": result.events, "history": result.history,
         "final_sampling_ratios": ratios})
+    manifest.add(files["log"])
     return files
 
 

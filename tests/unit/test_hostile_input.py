@@ -208,8 +208,42 @@ def wrong_shapes(path):
     save_checkpoint(path, tensors, info)
 
 
+def edit_checkpoint(info_changes=None, tensor_changes=None):
+    def damage(path):
+        tensors, info = load_checkpoint(path)
+        info.update(info_changes or {})
+        tensors.update(tensor_changes or {})
+        save_checkpoint(path, tensors, info)
+    return damage
+
+
+def empty_masks(path):
+    tensors, info = load_checkpoint(path)
+    tensors["masks"] = torch.zeros_like(tensors["masks"])
+    save_checkpoint(path, tensors, info)
+
+
+def saved_lr(path):
+    tensors, info = load_checkpoint(path)
+    for group in info["optimizer"]["param_groups"]:
+        group["lr"] = 100.0
+    save_checkpoint(path, tensors, info)
+
+
 CHECKPOINTS = [
     ("empty", lambda p: p.write_bytes(b""), "not a readable AttenCraft checkpoint"),
+    ("negative step", edit_checkpoint({"step": -2}), "its step -2 is not a step count"),
+    ("step past --steps", edit_checkpoint({"step": 6}), "past the 4 steps asked: raise steps to at least 6"),
+    ("history not a list", edit_checkpoint({"history": "xyz"}), "history is not a list of 2 steps"),
+    ("history of another run", edit_checkpoint({"history": [{"step": 1, "loss": 0.1, "concepts": [7]}] * 2}),
+     "history entry 1 is not a training step"),
+    ("scores of another shape", edit_checkpoint(tensor_changes={"scores": torch.ones(5)}),
+     "attention scores are not 2 numbers"),
+    ("empty masks", empty_masks, "mask of concept 0 is empty"),
+    ("optimizer state of another shape", edit_checkpoint(tensor_changes={"optimizer.0.exp_avg": torch.ones(3)}),
+     "optimizer state optimizer.0.exp_avg of shape (3,)"),
+    ("sampler scores of another length", edit_checkpoint({"sampler": {"rng": [3, [], None], "scores": [1.0]}}),
+     "sampler state does not fit"),
     ("truncated", lambda p: p.write_bytes(p.read_bytes()[:100]), "not a readable AttenCraft checkpoint"),
     ("a foreign safetensors", lambda p: save_file({"x": torch.ones(2)}, str(p)), "is not an AttenCraft checkpoint"),
     ("state not an object", empty_info, "not a JSON object"),
@@ -228,6 +262,22 @@ def test_resume_refuses_a_damaged_or_foreign_checkpoint(case, damage, expected, 
     check_refused(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--resume", "--steps", "4"), expected, capsys)
 
 
+def test_settings_saved_in_a_checkpoint_never_override_the_runs(tiny_model_dir, scene_png, mask_pngs, tmp_path):
+    """A learning rate of 100 written into a checkpoint's optimizer state: the resumed run still trains at its own
+    --lr, exactly as the undamaged checkpoint resumes."""
+    finals = []
+    for damage in (None, saved_lr):
+        out = tmp_path / ("damaged" if damage else "clean")
+        assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--checkpoint-every", "1",
+                               "--keep-checkpoint")) == 0
+        if damage:
+            damage(out / "checkpoint.safetensors")
+        assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--resume", "--steps", "4")) == 0
+        finals.append(ConceptSet.load(out / "attencraft.safetensors"))
+    assert all(torch.equal(finals[0].lora[k], finals[1].lora[k]) for k in finals[0].lora)
+    assert finals[1].training["steps_done"] == 4
+
+
 def bomb(path):
     Image.new("1", (20_000, 20_000)).save(path, format="PNG")  # small on disk, 400 M pixels decoded
 
@@ -237,7 +287,7 @@ IMAGES = [
     ("truncated PPM", lambda p: p.write_bytes(b"P6\n64 64\n255\n" + b"\x80" * 100), "Cannot read"),
     ("malformed GIF", lambda p: p.write_bytes(b"GIF89a\x40\x00\x40\x00\xf7\x00\x00" + b"\x01" * 40), "image"),
     ("not an image", lambda p: p.write_bytes(b"hello"), "Cannot read"),
-    ("a folder", lambda p: p.mkdir(), "(it is a folder)"),
+    ("a folder", lambda p: p.mkdir(), "is a folder, not a regular file"),
 ]
 
 
@@ -388,3 +438,112 @@ def test_a_second_run_in_a_folder_needs_overwrite(tiny_model_dir, scene_png, mas
     check_refused(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--lr", "2e-4"),
                   "holds another training run's files", capsys)
     assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--lr", "2e-4", "--overwrite")) == 0
+
+
+# ---- nothing lost: replacing a run deletes only the files a run wrote ------------------------------------------
+
+def test_overwrite_deletes_only_the_files_a_run_wrote(tiny_model_dir, scene_png, mask_pngs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--steps", "1")) == 0
+    written = json.loads((out / "attencraft_files.json").read_text())["files"]
+    assert "attencraft.safetensors" in written and "attencraft_c0.safetensors" in written
+    # the user's own files, named as a run's outputs would be
+    (out / "attencraft_cat_photos_lora.safetensors").write_bytes(b"my lora")
+    (out / "attencraft_mask_notes.png").write_bytes(b"my notes")
+    (out / "attencraft_c9.safetensors").write_bytes(b"mine too")
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--steps", "1", "--overwrite",
+                           "--name", "other")) == 0
+    for mine, content in [("attencraft_cat_photos_lora.safetensors", b"my lora"),
+                          ("attencraft_mask_notes.png", b"my notes"), ("attencraft_c9.safetensors", b"mine too")]:
+        assert (out / mine).read_bytes() == content
+    assert not (out / "attencraft.safetensors").exists() and (out / "other.safetensors").is_file()
+    log = json.loads((out / "other_train.json").read_text())
+    kept = [e for e in log["events"] if e.startswith("kept ")]
+    assert kept and "attencraft_cat_photos_lora.safetensors" in kept[0] and "attencraft_mask_notes.png" in kept[0]
+    assert set(json.loads((out / "attencraft_files.json").read_text())["files"]) == {
+        p.name for p in out.iterdir() if p.name.startswith("other")}
+
+
+def test_a_manifest_entry_with_a_path_is_never_followed(tiny_model_dir, scene_png, mask_pngs, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--steps", "1")) == 0
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    manifest = json.loads((out / "attencraft_files.json").read_text())
+    manifest["files"] += ["../precious.txt", str(outside), ".."]
+    (out / "attencraft_files.json").write_text(json.dumps(manifest))
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--steps", "1", "--overwrite")) == 0
+    assert outside.read_text() == "keep me"
+
+
+# ---- nothing hung: special files are refused by name -----------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["out", "checkpoint", "concept set", "image", "model"])
+def test_a_fifo_is_refused_by_name_never_opened(where, tiny_model_dir, scene_png, mask_pngs, tmp_path, capsys):
+    import os
+    out = tmp_path / "run"
+    out.mkdir()
+    args = train_args(tiny_model_dir, scene_png, mask_pngs, out, "--steps", "1")
+    expected = "is a FIFO (named pipe), not a regular file"
+    if where == "out":  # a FIFO among a folder's files is not a run's file: the run goes ahead
+        os.mkfifo(out / "notes.safetensors")
+        expected = None
+    elif where == "checkpoint":
+        os.mkfifo(out / "checkpoint.safetensors")
+        args += ["--resume"]
+    elif where == "concept set":
+        os.mkfifo(tmp_path / "set.safetensors")
+        args = ["generate", "--model", str(tiny_model_dir), "--concepts", str(tmp_path / "set.safetensors"),
+                "--prompt", "a <c0>", "--out", str(tmp_path / "x.png")]
+    elif where == "image":
+        os.mkfifo(tmp_path / "in.png")
+        args = train_args(tiny_model_dir, tmp_path / "in.png", mask_pngs, out)
+    else:
+        model = tmp_path / "model"
+        shutil.copytree(tiny_model_dir, model)
+        (model / "unet" / "config.json").rename(model / "unet" / "real.json")
+        os.mkfifo(model / "unet" / "config.json")
+        args = train_args(model, scene_png, mask_pngs, out)
+    if expected is None:
+        assert main(args) == 0, capsys.readouterr().err
+        assert (out / "notes.safetensors").exists()
+    else:
+        check_refused(args, expected, capsys)
+
+
+# ---- the model's own sizes and constants are checked -----------------------------------------------------------
+
+def edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+BROKEN_CONFIGS = [
+    ("sample_size huge", "unet/config.json", {"sample_size": 100000}, "native resolution"),
+    ("sample_size 0", "unet/config.json", {"sample_size": 0}, "native resolution"),
+    ("beta_end NaN", "scheduler/scheduler_config.json", {"beta_end": float("nan")}, "beta_end"),
+    ("beta_end above 1", "scheduler/scheduler_config.json", {"beta_end": 5.0}, "noise levels outside"),
+    ("VAE scaling NaN", "vae/config.json", {"scaling_factor": float("nan")}, "scaling_factor"),
+    ("VAE scaling 0", "vae/config.json", {"scaling_factor": 0}, "scaling_factor"),
+    ("timesteps 0", "scheduler/scheduler_config.json", {"num_train_timesteps": 0}, "num_train_timesteps"),
+]
+
+
+@pytest.mark.parametrize("case,file,changes,expected", BROKEN_CONFIGS, ids=[c[0] for c in BROKEN_CONFIGS])
+def test_broken_model_constants_are_named_not_blamed_on_the_concepts(case, file, changes, expected, tiny_model_dir,
+                                                                     scene_png, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    edit_json(folder / file, **changes)
+    check_refused(["masks", "--model", str(folder), "--image", str(scene_png), "--concepts", "cat,dog", "--out",
+                   str(tmp_path / "out")], expected, capsys)
+
+
+@pytest.mark.parametrize("content", ["[1]", "7", '"text"'])
+def test_a_model_json_that_is_not_an_object_is_named(content, tiny_model_dir, scene_png, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model_index.json").write_text(content)
+    check_refused(["masks", "--model", str(folder), "--image", str(scene_png), "--concepts", "cat,dog", "--out",
+                   str(tmp_path / "out")], "model_index.json holds a JSON", capsys)

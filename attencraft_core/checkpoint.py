@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import AttenCraftError
-from .outputs import atomic_write, remove_stale_temporaries
+from .outputs import save_safetensors
 from .reading import refuse_special_file, require_regular_file
 from .validation import first_non_finite
 
@@ -53,9 +53,7 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], info: dict) -> Path:
     """Write tensors + JSON-ready `info` atomically to `path` (a .safetensors file)."""
     metadata = {"format": FORMAT, "info": json.dumps(info, allow_nan=False)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    remove_stale_temporaries(path)  # left by a run killed while writing its checkpoint
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return save_safetensors(path, tensors, metadata)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .concept_tokens import ConceptTokens
 from .concepts import Concept
@@ -20,7 +19,7 @@ from .families import family_named, family_of
 from .lora import TARGETS, load_lora_state_dict, set_lora_strength
 from .options import settings_of
 from .reading import require_regular_file
-from .outputs import atomic_write
+from .outputs import save_safetensors
 from .settings import TrainOptions
 from .validation import first_non_finite, require_number
 
@@ -46,11 +45,6 @@ def check_header_size(path: Path) -> None:
     if size > MAX_HEADER_BYTES:
         raise AttenCraftError(f"{path.name} declares a {size} byte header (at most {MAX_HEADER_BYTES} read): "
                               "not a concept set.")
-
-
-def _save_safetensors(path: Path, tensors: dict, metadata: dict) -> Path:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 @dataclass
@@ -98,7 +92,7 @@ class ConceptSet:
         }
         if self.widths:
             metadata["embedding_widths"] = json.dumps(self.widths)
-        return _save_safetensors(Path(path), tensors, metadata)
+        return save_safetensors(Path(path), tensors, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptSet":
@@ -242,7 +236,7 @@ class ConceptSet:
         """The LoRA file ComfyUI's LoraLoader reads (see comfy_lora)."""
         meta = {"ss_network_dim": str(self.rank), "ss_network_alpha": str(self.alpha),
                 "attencraft_concepts": json.dumps(self.placeholders)}
-        return _save_safetensors(Path(path), self.comfy_lora(), meta)
+        return save_safetensors(Path(path), self.comfy_lora(), meta)
 
     def save_embedding(self, index: int, path: str | Path) -> Path:
         """Concept `index` as a textual-inversion file, one [1, width] row per text tower under the key
@@ -250,7 +244,7 @@ class ConceptSet:
         concept = self.concepts[index]
         keys = family_named(self.family).embedding_keys(self.family)
         parts = self.embeddings[index].float().split(self.tower_widths)
-        return _save_safetensors(Path(path), {k: part[None] for k, part in zip(keys, parts)},
+        return save_safetensors(Path(path), {k: part[None] for k, part in zip(keys, parts)},
                                  {"word": concept.word, "placeholder": concept.placeholder})
 
     def export(self, out_dir: str | Path, name: str) -> dict[str, Path]:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .errors import AttenCraftError
 from .images import mask_to_image, overlay
+from .reading import is_regular_file
+from .run_folder import process_alive
 
 
 MAX_NAME = 64  # characters of a slug; a longer one is cut and gets a short hash, so names stay distinct
@@ -50,38 +57,73 @@ def current_umask() -> int:
     return mask
 
 
-def write_error(path: Path, exc: OSError) -> AttenCraftError:
+def write_error(path: Path, exc: Exception, size: int | None = None) -> AttenCraftError:
     """One readable error for a failed write (disk full, read-only folder...); the previous file is kept."""
-    return AttenCraftError(f"Could not write {path} ({exc.strerror or exc}); any previous version of it is kept. "
-                           "Free disk space or choose a folder you can write to.")
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+        return disk_full_error(path, size)
+    return AttenCraftError(f"Could not write {path} ({getattr(exc, 'strerror', None) or exc}); any previous version "
+                           "of it is kept. Free disk space or choose a folder you can write to.")
 
 
-def atomic_write(path: str | Path, write) -> Path:
+def disk_full_error(path: Path, size: int | None) -> AttenCraftError:
+    free = shutil.disk_usage(path.parent).free
+    need = f"about {megabytes(size)} needed, " if size else ""
+    return AttenCraftError(f"No space left on device in {path.parent} to write {path.name} ({need}{megabytes(free)} "
+                           "free): free disk space there or choose another folder. Any previous version of the file "
+                           "(the last good checkpoint included) is kept.")
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 2 ** 20:.1f} MB"
+
+
+SAFETY_MARGIN = 1 << 20  # bytes beyond a write's own size that must stay free
+
+
+def atomic_write(path: str | Path, write, size: int | None = None) -> Path:
     """Call write(tmp_path) then rename onto `path`: readers never see a half-written file. The file gets the
-    permissions a plain open() would give it (0666 less the umask), not the temporary file's 0600."""
+    permissions a plain open() would give it (0666 less the umask), not the temporary file's 0600. With `size`
+    (bytes it will take), a disk without that much room is refused before anything is written."""
     path = Path(path)
+    if size is not None and shutil.disk_usage(path.parent).free < size + SAFETY_MARGIN:
+        raise disk_full_error(path, size + SAFETY_MARGIN)
+    remove_stale_temporaries(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as exc:
-        raise write_error(path, exc) from exc
+        raise write_error(path, exc, size) from exc
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except OSError as exc:
-        raise write_error(path, exc) from exc
+    except (OSError, SafetensorError) as exc:
+        raise write_error(path, exc, size) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
+def save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Tensors (moved to the CPU, contiguous) and text metadata as one safetensors file, written atomically; the
+    room it needs is checked first."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + len(json.dumps(metadata or {})) + 4096
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), size)
+
+
 def remove_stale_temporaries(path: str | Path) -> None:
-    """Delete temporary files that an interrupted atomic_write of `path` left behind (a kill -9 mid-write)."""
+    """Delete the temporary files that an interrupted atomic_write of `path` left behind (a kill -9 mid-write):
+    those of processes of this machine that no longer run. A write in progress in another process is left alone."""
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    name = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp")  # see atomic_write
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = name.fullmatch(stale.name)
+        if match and not (match.group(1) and process_alive(int(match.group(1)))) and is_regular_file(stale):
+            stale.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data) -> Path:

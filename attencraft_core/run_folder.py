@@ -23,7 +23,8 @@ CHECKPOINT_NAMES = ("checkpoint.safetensors", "checkpoint.pt")
 CONCEPT_SET_FORMAT = "attencraft-concepts/1"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with that pid runs (or may: one we may not signal)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -50,7 +51,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not process_alive(holder["pid"]):
                     self.path.unlink(missing_ok=True)  # its run was killed: the lock is stale
                     continue
                 raise AttenCraftError(

@@ -386,8 +386,54 @@ def test_disk_full_while_writing_keeps_the_old_file(tmp_path):
         tmp.write_bytes(b"part")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(AttenCraftError, match="No space left on device.*previous version of it is kept"):
+    with pytest.raises(AttenCraftError, match="No space left on device in .*Any previous version of the file .* is kept"):
         atomic_write(target, disk_full)
+    assert target.read_bytes() == b"the last good checkpoint" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (root only): a real disk that fills up."""
+    import subprocess
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_during_training_keeps_the_last_good_checkpoint(small_disk, tiny_model_dir, scene_png, mask_pngs,
+                                                                     capsys):
+    out = small_disk / "run"
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--steps", "1", "--keep-checkpoint")) == 0
+    good = (out / "checkpoint.safetensors").read_bytes()
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - len(good) // 2))  # room for half a checkpoint
+    capsys.readouterr()
+    check_refused(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--resume", "--steps", "3",
+                             "--checkpoint-every", "1"), f"No space left on device in {out}", capsys)
+    assert (out / "checkpoint.safetensors").read_bytes() == good
+    assert load_checkpoint(out / "checkpoint.safetensors")[1]["step"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_write_that_runs_out_of_room_names_the_folder_and_the_space(monkeypatch, tmp_path):
+    """The same without a tmpfs: safetensors reports the full disk as its own error type."""
+    from safetensors import SafetensorError
+
+    from attencraft_core.outputs import save_safetensors
+
+    target = tmp_path / "checkpoint.safetensors"
+    target.write_bytes(b"the last good checkpoint")
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(AttenCraftError, match=rf"No space left on device in {tmp_path} to write checkpoint.safetensors "
+                                              r"\(about 0.0 MB needed, [\d.]+ MB free\)"):
+        save_safetensors(target, {"x": torch.ones(4)})
     assert target.read_bytes() == b"the last good checkpoint" and list(tmp_path.iterdir()) == [target]
 
 

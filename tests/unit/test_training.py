@@ -396,11 +396,22 @@ def test_written_files_follow_the_umask(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # not mkstemp's 0600
 
 
-def test_a_later_checkpoint_removes_what_a_killed_write_left(tmp_path):
-    stale = tmp_path / ".checkpoint.safetensors.k1ll3d.tmp"
-    stale.write_bytes(b"half a checkpoint")
+def test_a_later_run_removes_what_a_killed_write_left_and_nothing_else(tmp_path):
+    import subprocess
+    import sys
+
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(killed.stdout)
+    stale = [tmp_path / ".checkpoint.safetensors.k1ll3d0_.tmp",  # an earlier version's name: no writer's pid
+             tmp_path / f".r_lora_kohya.safetensors.{dead}.abcd1234.tmp",
+             tmp_path / f".r_loss.png.{dead}.abcd1234.tmp"]
+    live = tmp_path / f".r_lora_kohya.safetensors.{os.getpid()}.inflight.tmp"  # a write in progress
+    mine = tmp_path / ".r_lora_kohya.safetensors.notes.tmp"  # not a name atomic_write makes
+    for path in stale + [live, mine]:
+        path.write_bytes(b"half a file")
     make_trainer(build_tiny_components(seed=0), tmp_path, steps=2, checkpoint_every=1, keep_checkpoint=True).run("r")
-    assert not stale.exists() and (tmp_path / "checkpoint.safetensors").is_file()
+    assert not any(p.exists() for p in stale) and (tmp_path / "checkpoint.safetensors").is_file()
+    assert live.exists() and mine.exists()
 
 
 def test_two_phase_trains_embeddings_first(tiny, tmp_path):

@@ -14,11 +14,11 @@ from .demo import check_demo_settings, run_demo
 from .devices import PRECISIONS, resolve_device, resolve_dtype
 from .errors import AttenCraftError
 from .generation import check_settings, generate
-from .images import load_image
+from .images import load_image, load_mask
 from .masks import extract_masks
 from .model_loading import load_components
 from .options import add_arguments, from_arguments
-from .outputs import ensure_out_dir, safe_name, save_image, save_mask_outputs
+from .outputs import ensure_out_dir, image_format, safe_name, save_image, save_mask_outputs
 from .progress import ProgressBars
 from .settings import MaskOptions, TrainOptions
 from .training import Trainer
@@ -38,13 +38,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "trained weights are always float32, and the CPU always uses fp32 (default auto)")
 
 
+def folder_argument(text: str) -> Path:
+    """An --out value: not empty (that would write into the current folder unasked), `~` expanded."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name the folder (or file) to write to, e.g. --out results")
+    return Path(text).expanduser()
+
+
+def image_argument(text: str) -> Path:
+    """generate's --out: a file name ending in .png, .jpg, .jpeg or .webp (none: .png is added)."""
+    path = folder_argument(text)
+    if not path.suffix:
+        return path.with_suffix(".png")
+    try:
+        image_format(path)
+    except AttenCraftError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return path
+
+
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     """--image, --concepts and --out: what masks, train and demo work on."""
     p.add_argument("--image", required=True, help="the image showing all concepts (PNG/JPEG/WebP, any mode)")
     p.add_argument("--concepts", required=True,
                    help='comma-separated word per concept, at least two, e.g. "cat,dog"; each word also '
                         "initialises its placeholder token <c0>, <c1>, ...")
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--out", required=True, type=folder_argument, help="output folder (created if missing)")
 
 
 def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
@@ -103,7 +122,7 @@ def class_image_files(folder: str) -> list[Path]:
 def cmd_train(args) -> int:
     concepts = parse_concepts(args.concepts)
     image, notes = load_image(args.image)
-    user_masks = [load_image(p, min_side=1)[0].convert("L") for p in mask_paths(args.masks)] if args.masks else None
+    user_masks = [load_mask(p) for p in mask_paths(args.masks)] if args.masks else None
     class_imgs = [load_image(p)[0] for p in class_image_files(args.class_images)] if args.class_images else None
     opts = from_arguments(TrainOptions, args, masks=from_arguments(MaskOptions, args, prefix="mask_"))
     opts.check()
@@ -127,15 +146,15 @@ def cmd_generate(args) -> int:
     check_settings(args.count, args.seed, args.steps, args.cfg or 0, args.resolution, args.strength)
     concept_set = ConceptSet.load(args.concepts)
     concept_set.check_prompt(args.prompt)
-    out = Path(args.out)
-    ensure_out_dir(out.parent if str(out.parent) else ".")
+    out = args.out
+    ensure_out_dir(out.parent)
     with ProgressBars(args.quiet) as bars:
         comps = _load(args, bars)
         concept_set.apply(comps, args.strength)
         images = generate(comps, [args.prompt] * args.count, seed=args.seed, steps=args.steps, cfg=args.cfg,
                           negative_prompt=args.negative, resolution=args.resolution, progress=bars)
     for i, image in enumerate(images):
-        path = out if args.count == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
+        path = out if args.count == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         save_image(path, image)
         print(f"wrote {path}")
     return 0
@@ -199,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--concepts", required=True, help="the <name>.safetensors concept set written by train")
     p.add_argument("--prompt", required=True, help='prompt using the placeholders, e.g. "a photo of <c1> on the beach"')
-    p.add_argument("--out", required=True, help="output PNG path (with --count > 1, _<i> is added)")
+    p.add_argument("--out", required=True, type=image_argument,
+                   help="output image path, .png (default), .jpg or .webp (with --count > 1, _<i> is added)")
     p.add_argument("--negative", default="", help="negative prompt (default empty)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0); image i uses seed + i")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")

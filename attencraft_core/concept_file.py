@@ -21,7 +21,7 @@ from .options import settings_of
 from .reading import require_regular_file
 from .outputs import save_safetensors
 from .settings import TrainOptions
-from .validation import first_non_finite, require_number
+from .validation import first_non_finite, first_too_large, require_number
 
 FORMAT = "attencraft-concepts/1"
 PLACEHOLDER_RE = re.compile(r"<c\d+>")
@@ -32,6 +32,7 @@ def embedding_key(family: str) -> str:
     return family_named(family).embedding_keys(family)[0]
 
 
+MAX_VALUE = 1e4  # the largest magnitude read in a set's embeddings and LoRA (trained ones stay far below it)
 MAX_HEADER_BYTES = 16 * 2 ** 20  # a concept set's metadata is a few KB; a larger header is refused unread
 
 
@@ -139,14 +140,20 @@ class ConceptSet:
             rank, alpha = int(meta["lora_rank"]), float(meta["lora_alpha"])
         except ValueError as exc:
             raise bad(f"lora_rank / lora_alpha are not numbers ({exc})") from exc
-        rank_range = next(f.metadata for f in settings_of(TrainOptions) if f.name == "rank")
-        if not rank_range["low"] <= rank <= rank_range["high"] or not math.isfinite(alpha) or alpha <= 0:
-            raise bad(f"LoRA rank {rank} / alpha {alpha} out of range")
+        ranges = {f.name: f.metadata for f in settings_of(TrainOptions)}
+        if (not ranges["rank"]["low"] <= rank <= ranges["rank"]["high"] or not math.isfinite(alpha)
+                or not ranges["alpha"]["low"] < alpha <= ranges["alpha"]["high"]):
+            raise bad(f"LoRA rank {rank} / alpha {alpha} out of range (rank 1-{ranges['rank']['high']}, alpha up "
+                      f"to {ranges['alpha']['high']})")
         if meta["lora_targets"] not in TARGETS:
             raise bad(f"unknown LoRA targets {meta['lora_targets']!r}")
         non_finite = first_non_finite(tensors.items())
         if non_finite is not None:
             raise bad(f"{non_finite} holds NaN or infinite values")
+        too_large = first_too_large(tensors.items(), MAX_VALUE)
+        if too_large is not None:
+            raise bad(f"{too_large[0]} holds a value of {too_large[1]:.3g} (a trained set stays within "
+                      f"+-{MAX_VALUE:g}; such values draw black or noise)")
         rows = []
         for c in concepts:
             row = tensors.get(f"embedding.{c.placeholder}")

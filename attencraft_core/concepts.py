@@ -76,15 +76,17 @@ def initializer_ids(tokenizer, word: str) -> list[int]:
     return ids
 
 
-def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None) -> torch.Tensor:
+def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None, what: str = "prompt") -> torch.Tensor:
     """Token ids [1, max_length] (default: the tokenizer's model_max_length) padded as SD does; a longer prompt is
-    an error."""
-    ids = tokenizer(prompt).input_ids
+    an error (never cut silently)."""
+    ids = tokenizer(prompt, verbose=False).input_ids  # the length is said below, not in a library warning
     limit = max_length or tokenizer.model_max_length
     if len(ids) > limit:
+        shown = prompt if len(prompt) <= 200 else prompt[:200] + "..."
+        advice = "Use fewer concepts or shorter words." if what == "prompt" else f"Shorten the {what}."
         raise AttenCraftError(
-            f"The prompt is {len(ids)} tokens long but the text encoder takes at most {limit} "
-            f"(start and end tokens included): {prompt!r}. Use fewer concepts or shorter words.")
+            f"The {what} is {len(ids)} tokens long but the text encoder takes at most {limit} "
+            f"(start and end tokens included), and the rest would be cut: {shown!r}. {advice}")
     return tokenizer(prompt, padding="max_length", max_length=limit, return_tensors="pt").input_ids
 
 

@@ -50,6 +50,7 @@ def generate(comps: SDComponents, prompts: list[str], seed: int = 0, steps: int 
     check_settings(len(prompts), seed, steps, cfg, resolution)
     for prompt in prompts:
         tokenize_prompt(comps.tokenizer, prompt)  # readable error for over-long prompts
+    tokenize_prompt(comps.tokenizer, negative_prompt, what="negative prompt")
     size = resolution or comps.native_resolution
     pipe, family = make_pipeline(comps), family_of(comps)
     images, total = [], len(prompts) * steps

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .errors import AttenCraftError
 from .reading import require_regular_file
@@ -22,6 +22,24 @@ MAX_IMAGE_SIDE = 8192  # larger images are refused before they are decoded (a de
 def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE) -> tuple[Image.Image, list[str]]:
     """Open an image as RGB, turned upright by its EXIF orientation (as ComfyUI's Load Image does). Returns the
     image and notes (e.g. that an RGBA image was converted). Sizes are checked from the header before decoding."""
+    image, notes = open_image(path)
+    image, more = ensure_rgb(image, name=Path(path).name, min_side=min_side)
+    return image, notes + more
+
+
+def load_mask(path: str | Path) -> Image.Image:
+    """A mask image as greyscale (white = the concept). A mask with transparency counts where it is opaque: its
+    grey level times its alpha, so white painted on a transparent layer is the painted shape."""
+    image, _ = open_image(path)
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return ImageChops.multiply(rgba.convert("L"), rgba.getchannel("A"))
+    return image.convert("L")
+
+
+def open_image(path: str | Path) -> tuple[Image.Image, list[str]]:
+    """An image file decoded in its own mode and turned upright by its EXIF orientation, with a note if it was
+    turned; sizes are checked from the header before decoding, and any failure is one error naming the file."""
     path = require_regular_file(path, "Image")
     try:
         with warnings.catch_warnings():
@@ -42,9 +60,7 @@ def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE) -> tuple[Image.
     except Exception as exc:  # a malformed file can make a Pillow decoder fail in other ways
         raise AttenCraftError(f"{str(path)!r} is a damaged or malformed image ({type(exc).__name__}: {exc}). "
                               "Re-save it as PNG or JPEG.") from exc
-    notes = [f"{path.name} was turned upright by its EXIF orientation ({orientation})."] if orientation != 1 else []
-    image, more = ensure_rgb(image, name=path.name, min_side=min_side)
-    return image, notes + more
+    return image, [f"{path.name} was turned upright by its EXIF orientation ({orientation})."] if orientation != 1 else []
 
 
 def check_image_size(size: tuple[int, int], name: str) -> None:

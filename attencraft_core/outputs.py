@@ -130,8 +130,24 @@ def write_json(path: str | Path, data) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=False)))
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path: str | Path) -> str:
+    """The format a file name's suffix names (PNG, JPEG, WebP); any other suffix is an error."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise AttenCraftError(f"{Path(path).name}: AttenCraft writes images as {', '.join(IMAGE_FORMATS)}; name "
+                              "the file with one of these suffixes.")
+    return IMAGE_FORMATS[suffix]
+
+
 def save_image(path: str | Path, image) -> Path:
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    """Write an image in the format its suffix names (PNG, JPEG at quality 95, WebP), atomically."""
+    kind = image_format(path)
+    extra = {"quality": 95} if kind == "JPEG" else {}
+    return atomic_write(path, lambda tmp: image.convert("RGB" if kind == "JPEG" else image.mode).save(
+        tmp, format=kind, **extra))
 
 
 def save_mask_outputs(out_dir: str | Path, image, result) -> dict:

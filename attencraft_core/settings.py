@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from .errors import AttenCraftError
 from .options import check_settings, seed_setting, setting
 
+MIN_LR = 1e-9  # a smaller learning rate changes nothing in float32 (1e-320 would be accepted as "> 0" otherwise)
+
 
 @dataclass
 class MaskOptions:
@@ -44,13 +46,13 @@ class TrainOptions:
     """Training settings; defaults follow the paper's reference code."""
 
     steps: int = setting(500, "training steps", low=1, high=1_000_000)
-    lr: float = setting(1e-4, "AdamW learning rate", low=0, high=1, low_open=True)
-    embedding_lr: float | None = setting(None, "learning rate of the concept embeddings (default: lr)", low=0,
-                                         high=1, low_open=True)
+    lr: float = setting(1e-4, "AdamW learning rate", low=MIN_LR, high=1)
+    embedding_lr: float | None = setting(None, "learning rate of the concept embeddings (default: lr)", low=MIN_LR,
+                                         high=1)
     weight_decay: float = setting(1e-2, "AdamW weight decay, LoRA weights only", low=0, high=1)
     max_grad_norm: float = setting(1.0, "gradient clipping norm", low=0, low_open=True, cli=False)
     rank: int = setting(16, "LoRA rank", low=1, high=1024)
-    alpha: float | None = setting(None, "LoRA alpha (default: equal to the rank)", low=0, low_open=True)
+    alpha: float | None = setting(None, "LoRA alpha (default: equal to the rank)", low=0, high=4096, low_open=True)
     targets: str = setting("kv", "LoRA layers: kv = cross-attention key/value (the paper), qkvo = all "
                                  "cross-attention projections, attn = self and cross attention, all = attention + "
                                  "feed-forward", choices=("kv", "qkvo", "attn", "all"))
@@ -86,7 +88,7 @@ class TrainOptions:
     two_phase: bool = setting(False, "first train embeddings only at phase1-lr, then LoRA + embeddings "
                                      "(Break-A-Scene)")
     phase1_steps: int = setting(100, "steps of phase 1 with two phases", low=1)
-    phase1_lr: float = setting(5e-4, "phase-1 learning rate", low=0, high=1, low_open=True)
+    phase1_lr: float = setting(5e-4, "phase-1 learning rate", low=MIN_LR, high=1)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: much less memory, "
                                                    "about a third more time per step")
     resolution: int | None = setting(None, "square side in px the image is resized to (default: the model's "

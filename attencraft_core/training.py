@@ -57,6 +57,10 @@ def preview_side(resolution: int) -> int:
     return max(8, resolution * 3 // 4 // 8 * 8)
 
 
+FULL_MASK = 0.99  # a user mask covering this share of the image is refused (it leaves no background)
+SAME_REGION = 0.9  # two user masks overlapping this much (intersection over union) are refused
+
+
 def prepare_user_masks(masks: list, concepts: list[Concept], size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
     """User masks (PIL images or [H, W] tensors) as bool [N, h, w] at `size` (h, w), with notes."""
     if len(masks) != len(concepts):
@@ -67,14 +71,30 @@ def prepare_user_masks(masks: list, concepts: list[Concept], size: tuple[int, in
         if isinstance(mask, Image.Image):
             mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
         mask = mask.float()
+        if mask.ndim != 2 or not torch.isfinite(mask).all():
+            raise AttenCraftError(f"The mask for {concept.word!r} (mask {i + 1}) is not a finite 2-D mask (shape "
+                                  f"{tuple(mask.shape)}, NaN or infinite values?): check the node or file it "
+                                  "comes from.")
         if mask.max() <= 0:
             raise AttenCraftError(f"The mask for {concept.word!r} (mask {i + 1}) is all black: paint the concept "
                                   "white, or leave masks out to extract them from attention.")
+        if (mask > 0.5).float().mean() >= FULL_MASK:
+            raise AttenCraftError(f"The mask for {concept.word!r} (mask {i + 1}) covers the whole image: paint only "
+                                  "the concept white, the rest black (the method needs each concept's region).")
         if tuple(mask.shape) != tuple(size):
             notes.append(f"mask {i + 1} ({concept.word}) was {mask.shape[1]}x{mask.shape[0]}; resized.")
         resized = F.interpolate(mask[None, None], size=size, mode="area")[0, 0]
         out.append(resized > 0.5 if resized.max() > 0.5 else resized >= resized.max())
-    return torch.stack(out), notes
+    stacked = torch.stack(out)
+    for i in range(len(stacked)):
+        for j in range(i + 1, len(stacked)):
+            overlap = (stacked[i] & stacked[j]).sum() / (stacked[i] | stacked[j]).sum()
+            if overlap >= SAME_REGION:
+                raise AttenCraftError(
+                    f"The masks for {concepts[i].word!r} and {concepts[j].word!r} (masks {i + 1} and {j + 1}) cover "
+                    f"the same pixels ({100 * float(overlap):.0f}% overlap): give each concept a mask of its own "
+                    "region, in the order of the concept words.")
+    return stacked, notes
 
 
 @dataclass

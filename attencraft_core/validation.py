@@ -38,11 +38,29 @@ def shown(x: float) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e18 else f"{x:g}"
 
 
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _checkable(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in a dtype torch computes with (float8 and other storage dtypes are widened)."""
+    return tensor if tensor.dtype in COMPUTE_DTYPES else tensor.float()
+
+
 def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """The name of the first floating tensor that holds NaN or an infinity, None when all are finite."""
     for name, tensor in named:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(_checkable(tensor)).all():
             return name
+    return None
+
+
+def first_too_large(named: Iterable[tuple[str, torch.Tensor]], limit: float) -> tuple[str, float] | None:
+    """(name, largest magnitude) of the first floating tensor with a value beyond +-limit, None if there is none."""
+    for name, tensor in named:
+        if tensor.is_floating_point() and tensor.numel():
+            largest = float(_checkable(tensor).abs().max())
+            if largest > limit:
+                return name, largest
     return None
 
 

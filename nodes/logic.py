@@ -38,10 +38,13 @@ class TrainedConcepts:
     name: str
 
 
-def image_from_comfy(image: torch.Tensor) -> tuple[Image.Image, list[str]]:
-    """The first image of a ComfyUI IMAGE batch as RGB PIL (alpha flattened), with notes."""
+def image_from_comfy(image: torch.Tensor, what: str = "image") -> tuple[Image.Image, list[str]]:
+    """The first image of a ComfyUI IMAGE batch as RGB PIL (alpha flattened), with notes; `what` names the input."""
     if image is None or image.ndim != 4 or image.shape[0] == 0:
-        raise AttenCraftError("No image: connect a Load Image node to the image input.")
+        raise AttenCraftError(f"No image: connect a Load Image node to the {what} input.")
+    if not torch.isfinite(image[0]).all():
+        raise AttenCraftError(f"The {what} input holds NaN or infinite pixel values: check the node that makes it "
+                              "(an image must be numbers from 0 to 1).")
     notes = [f"the IMAGE batch has {image.shape[0]} images; the first one is used."] if image.shape[0] > 1 else []
     array = (image[0].detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(array.shape[-1])
@@ -59,7 +62,7 @@ def images_from_comfy(batch: torch.Tensor | None) -> list[Image.Image] | None:
     """Every image of an optional IMAGE batch as RGB PIL (for prior images)."""
     if batch is None:
         return None
-    return [image_from_comfy(batch[i:i + 1])[0] for i in range(batch.shape[0])]
+    return [image_from_comfy(batch[i:i + 1], "prior_images")[0] for i in range(batch.shape[0])]
 
 
 def extract(comps, image: torch.Tensor, words: str, opts: MaskOptions, progress: Progress = no_progress):

@@ -3,6 +3,7 @@ traceback and never a silently wrong result. A table: command-line arguments, ex
 
 import errno
 import json
+import re
 import shutil
 
 import numpy as np
@@ -24,7 +25,8 @@ from helpers import quadrant_blobs
 
 TRAIN = [
     (["--lr", "nan"], "lr must be a finite number"),
-    (["--lr=-1e-4"], "lr must be > 0"),
+    (["--lr=-1e-4"], "lr must be >= 1e-09 and <= 1"),
+    (["--lr", "1e-320"], "lr must be >= 1e-09 and <= 1"),
     (["--embedding-lr", "inf"], "embedding_lr must be a finite number"),
     (["--weight-decay", "-0.1"], "weight_decay must be >= 0"),
     (["--attention-weight", "-1"], "attention_weight must be >= 0"),
@@ -43,7 +45,7 @@ TRAIN = [
     (["--resolution", "1000000"], "resolution must be >= 8 and <= 8192"),
     (["--ssim-min", "2"], "ssim_min must be >= -1 and <= 1"),
     (["--threshold", "nan"], "threshold must be a finite number"),
-    (["--phase1-lr", "0", "--two-phase"], "phase1_lr must be > 0"),
+    (["--phase1-lr", "0", "--two-phase"], "phase1_lr must be >= 1e-09"),
 ]
 
 GENERATE = [
@@ -593,3 +595,143 @@ def test_a_model_json_that_is_not_an_object_is_named(content, tiny_model_dir, sc
     (folder / "model_index.json").write_text(content)
     check_refused(["masks", "--model", str(folder), "--image", str(scene_png), "--concepts", "cat,dog", "--out",
                    str(tmp_path / "out")], "model_index.json holds a JSON", capsys)
+
+
+# ---- concept sets: values a trained set never holds ------------------------------------------------------------
+
+LOADED_VALUES = [
+    ("float8 embedding", lambda m, t: t.update({"embedding.<c0>": torch.randn(32).to(torch.float8_e4m3fn)}), None),
+    ("alpha 1e30", lambda m, t: m.update(lora_alpha="1e30"), "alpha 1e+30 out of range"),
+    ("embedding of 1e30", lambda m, t: t.update({"embedding.<c1>": torch.full((32,), 1e30)}),
+     "embedding.<c1> holds a value of 1e+30"),
+    ("LoRA of 1e30", lambda m, t: t.update({k: torch.full_like(v, 1e30) for k, v in t.items() if "lora_B" in k}),
+     "holds a value of 1e+30"),
+    ("float8 NaN embedding", lambda m, t: t.update(
+        {"embedding.<c0>": torch.full((32,), float("nan")).to(torch.float8_e4m3fn)}), "NaN or infinite"),
+]
+
+
+@pytest.mark.parametrize("case,corrupt,expected", LOADED_VALUES, ids=[c for c, _, _ in LOADED_VALUES])
+def test_concept_set_values_are_bounded_where_a_set_is_read(case, corrupt, expected, tmp_path):
+    meta, tensors = concept_set_parts()
+    corrupt(meta, tensors)
+    path = tmp_path / "set.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    if expected is None:  # a storage dtype is read (widened), not a crash
+        assert ConceptSet.load(path).embeddings.dtype == torch.float32
+    else:
+        with pytest.raises(AttenCraftError, match=expected.replace("+", r"\+")):
+            ConceptSet.load(path)
+
+
+# ---- masks -----------------------------------------------------------------------------------------------------
+
+def rgba_mask(path, box):
+    """White everywhere, opaque only inside `box`: a mask painted on a transparent layer."""
+    array = np.full((64, 64, 4), 255, np.uint8)
+    array[..., 3] = 0
+    array[box[0]:box[1], box[2]:box[3], 3] = 255
+    Image.fromarray(array, "RGBA").save(path)
+
+
+def test_a_mask_painted_on_a_transparent_layer_counts_where_it_is_opaque(tiny_model_dir, scene_png, tmp_path):
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    rgba_mask(paths[0], (0, 32, 0, 32))
+    rgba_mask(paths[1], (32, 64, 32, 64))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                 "--masks", *map(str, paths), "--out", str(out), "--steps", "1", "--rank", "2", "--prior-weight",
+                 "0", "--quiet"]) == 0
+    saved = ConceptSet.load(out / "attencraft.safetensors").masks.float()
+    assert 0.2 < saved[0].mean() < 0.3 and saved[0][: saved.shape[1] // 2, : saved.shape[2] // 2].all()
+    assert not (saved[0] & saved[1].bool()).any() if saved.dtype == torch.bool else not (saved[0] * saved[1]).any()
+
+
+@pytest.mark.parametrize("masks,expected", [
+    (["white", "white"], "covers the whole image"),
+    (["left", "left"], "cover the same pixels (100% overlap)"),
+])
+def test_masks_that_leave_no_region_of_their_own_are_refused(masks, expected, tiny_model_dir, scene_png, tmp_path,
+                                                             capsys):
+    paths = []
+    for i, kind in enumerate(masks):
+        array = np.zeros((64, 64), np.uint8)
+        array[:, : 64 if kind == "white" else 30] = 255
+        paths.append(tmp_path / f"m{i}.png")
+        Image.fromarray(array).save(paths[-1])
+    check_refused(train_args(tiny_model_dir, scene_png, paths, tmp_path / "run"), expected, capsys)
+
+
+def test_a_nan_mask_from_a_node_is_refused(tiny):
+    from attencraft_core.training import prepare_user_masks
+    from attencraft_core.concepts import parse_concepts
+
+    masks = [torch.ones(64, 64), torch.full((64, 64), float("nan"))]
+    masks[0][:, 32:] = 0
+    with pytest.raises(AttenCraftError, match="mask for 'dog' \\(mask 2\\) is not a finite 2-D mask"):
+        prepare_user_masks(masks, parse_concepts("cat, dog"), (16, 16))
+
+
+# ---- leftovers and paths ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["masks", "train", "generate"])
+def test_an_empty_out_is_refused_not_the_current_folder(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = {"masks": ["masks", "--image", "i.png", "--concepts", "a,b"],
+            "train": ["train", "--image", "i.png", "--concepts", "a,b"],
+            "generate": ["generate", "--concepts", "c.safetensors", "--prompt", "a <c0>"]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--model", "m", "--out", ""])
+    assert exit_.value.code == 2 and "--out: is empty" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def saved_set(tmp_path_factory, tiny_model_dir):
+    import io
+    from contextlib import redirect_stderr
+
+    from helpers import scene_image
+    folder = tmp_path_factory.mktemp("saved_set")
+    scene_image().save(folder / "scene.png")
+    masks = []
+    for i, blob in enumerate(quadrant_blobs(64, 2)):
+        masks.append(folder / f"m{i}.png")
+        Image.fromarray((blob.numpy() * 255).astype(np.uint8)).save(masks[-1])
+    with redirect_stderr(io.StringIO()):
+        assert main(train_args(tiny_model_dir, folder / "scene.png", masks, folder / "run", "--steps", "1")) == 0
+    return folder / "run" / "attencraft.safetensors"
+
+
+def generate_args(model, concept_set, out, *extra):
+    return ["generate", "--model", str(model), "--concepts", str(concept_set), "--prompt", "a photo of <c0>",
+            "--out", str(out), "--steps", "2", "--resolution", "64", "--quiet", *extra]
+
+
+@pytest.mark.parametrize("suffix,magic", [(".jpg", b"\xff\xd8\xff"), (".jpeg", b"\xff\xd8\xff"),
+                                          (".webp", b"RIFF"), (".png", b"\x89PNG")])
+def test_generate_writes_the_format_its_suffix_names(suffix, magic, saved_set, tiny_model_dir, tmp_path):
+    out = tmp_path / f"x{suffix}"
+    assert main(generate_args(tiny_model_dir, saved_set, out)) == 0
+    assert out.read_bytes().startswith(magic)
+
+
+def test_generate_refuses_an_unknown_suffix_before_any_work(saved_set, tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(generate_args(tiny_model_dir, saved_set, tmp_path / "x.gif"))
+    assert exit_.value.code == 2 and "writes images as .png, .jpg, .jpeg, .webp" in capsys.readouterr().err
+
+
+def test_generate_expands_home_in_out(saved_set, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(generate_args(tiny_model_dir, saved_set, "~/g.png")) == 0
+    assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_generate_refuses_a_negative_prompt_it_would_cut(saved_set, tiny_model_dir, tmp_path, capsys):
+    code = main(generate_args(tiny_model_dir, saved_set, tmp_path / "x.png", "--negative", "blurry " * 1000))
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"^error: The negative prompt is \d+ tokens long but the text encoder takes at "
+                                   r"most 77 .*, and the rest would be cut: .*Shorten the negative prompt", err), err
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.png").exists()

@@ -32,6 +32,16 @@ def test_comfy_image_conversion_and_notes():
         logic.image_from_comfy(torch.zeros(0, 64, 64, 3))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_pixels_from_a_node_are_an_error_naming_the_input(value):
+    image = comfy_image(two_object_array())
+    image[0, 5, 5, 1] = value
+    with pytest.raises(AttenCraftError, match="The image input holds NaN or infinite pixel values"):
+        logic.image_from_comfy(image)
+    with pytest.raises(AttenCraftError, match="The prior_images input holds NaN"):
+        logic.images_from_comfy(torch.cat([comfy_image(two_object_array()), image]))
+
+
 def test_extract_gives_masks_overlay_and_concepts(tiny, planted_attention):
     blobs = planted_attention(2, AttentionStore)
     opts = MaskOptions(seed=0, t_min=0, t_max=300, threshold=0.1)

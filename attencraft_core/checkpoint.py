@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 
 from .errors import AttenCraftError
 from .outputs import save_safetensors
-from .reading import refuse_special_file, require_regular_file
-from .validation import first_non_finite
+from .reading import check_header_size, refuse_special_file, require_regular_file
+from .validation import MAX_WEIGHT, first_non_finite, first_too_large
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"
-FORMAT = "attencraft-checkpoint/3"  # 3: learned concept rows of their own, scaler state
+FORMAT = "attencraft-checkpoint/3"
+MAX_HEADER_BYTES = 512 * 2 ** 20  # the metadata holds every step's record: ~100 bytes a step  # 3: learned concept rows of their own, scaler state
 
 
 def optimizer_to_flat(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -63,10 +64,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """
     path = require_regular_file(path, "Checkpoint")
     try:
+        check_header_size(path, MAX_HEADER_BYTES, "an AttenCraft checkpoint")
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, AttenCraftError) as exc:
         raise AttenCraftError(f"{path} is not a readable AttenCraft checkpoint ({exc}). Delete it and train "
                               "without --resume.") from exc
     if str(metadata.get("format", "")).startswith("attencraft-checkpoint/") and metadata["format"] != FORMAT:
@@ -88,6 +90,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if name is not None:
         raise AttenCraftError(f"{path} holds non-finite values in {name} (the run diverged): resume from "
                               "an earlier copy, or train again without --resume.")
+    too_large = first_too_large(((k, v) for k, v in tensors.items() if k.startswith(("lora.", "embeddings"))),
+                                MAX_WEIGHT)
+    if too_large is not None:
+        raise AttenCraftError(f"{path} holds a value of {too_large[1]:.3g} in {too_large[0]} (trained weights stay "
+                              f"within +-{MAX_WEIGHT:g}): resume from an earlier copy, or train again without "
+                              "--resume.")
     return tensors, info
 
 

@@ -18,10 +18,10 @@ from .errors import AttenCraftError
 from .families import family_named, family_of
 from .lora import TARGETS, load_lora_state_dict, set_lora_strength
 from .options import settings_of
-from .reading import require_regular_file
+from .reading import check_header_size, require_regular_file
 from .outputs import save_safetensors
 from .settings import TrainOptions
-from .validation import first_non_finite, first_too_large, require_number
+from .validation import MAX_WEIGHT, first_non_finite, first_too_large, require_number
 
 FORMAT = "attencraft-concepts/1"
 PLACEHOLDER_RE = re.compile(r"<c\d+>")
@@ -32,20 +32,7 @@ def embedding_key(family: str) -> str:
     return family_named(family).embedding_keys(family)[0]
 
 
-MAX_VALUE = 1e4  # the largest magnitude read in a set's embeddings and LoRA (trained ones stay far below it)
 MAX_HEADER_BYTES = 16 * 2 ** 20  # a concept set's metadata is a few KB; a larger header is refused unread
-
-
-def check_header_size(path: Path) -> None:
-    """Refuse a safetensors file whose declared header is absurdly large, before reading it."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8:
-        raise AttenCraftError(f"{path.name} is too short to be a safetensors file ({len(head)} bytes).")
-    size = int.from_bytes(head, "little")
-    if size > MAX_HEADER_BYTES:
-        raise AttenCraftError(f"{path.name} declares a {size} byte header (at most {MAX_HEADER_BYTES} read): "
-                              "not a concept set.")
 
 
 @dataclass
@@ -101,7 +88,7 @@ class ConceptSet:
         anyone): header size, metadata schema, tensor names, shapes, dtypes and finite values. Any problem is
         one AttenCraftError naming the file and what is wrong; nothing in the file is executed."""
         path = require_regular_file(path, "Concept file")
-        check_header_size(path)
+        check_header_size(path, MAX_HEADER_BYTES, "a concept set")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -150,10 +137,10 @@ class ConceptSet:
         non_finite = first_non_finite(tensors.items())
         if non_finite is not None:
             raise bad(f"{non_finite} holds NaN or infinite values")
-        too_large = first_too_large(tensors.items(), MAX_VALUE)
+        too_large = first_too_large(((k, v) for k, v in tensors.items() if not k.startswith("mask.")), MAX_WEIGHT)
         if too_large is not None:
             raise bad(f"{too_large[0]} holds a value of {too_large[1]:.3g} (a trained set stays within "
-                      f"+-{MAX_VALUE:g}; such values draw black or noise)")
+                      f"+-{MAX_WEIGHT:g}; such values draw black or noise)")
         rows = []
         for c in concepts:
             row = tensors.get(f"embedding.{c.placeholder}")

@@ -51,6 +51,17 @@ def refuse_special_file(path: str | Path, what: str = "File") -> None:
         require_regular_file(path, what)
 
 
+def check_header_size(path: Path, limit: int, what: str) -> None:
+    """Refuse a safetensors file whose declared header is larger than `limit` bytes, before reading it."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise AttenCraftError(f"{path.name} is too short to be a safetensors file ({len(head)} bytes).")
+    size = int.from_bytes(head, "little")
+    if size > limit:
+        raise AttenCraftError(f"{path.name} declares a {size} byte header (at most {limit} read): not {what}.")
+
+
 def read_json_object(path: str | Path, what: str = "") -> dict:
     """A JSON file that must hold an object (a config, an index); one error naming the file otherwise."""
     path = require_regular_file(path, what or "JSON file")

@@ -68,6 +68,8 @@ class RunLock:
         raise AttenCraftError(f"Could not take the lock {self.path}; delete it if no run uses the folder.")
 
     def _holder(self) -> dict:
+        if not is_regular_file(self.path):  # a FIFO would block the read: no holder can be named
+            return {}
         try:
             holder = json.loads(self.path.read_text())
         except (OSError, ValueError):

@@ -10,6 +10,7 @@ import torch
 from .errors import AttenCraftError
 
 MAX_SEED = 2 ** 63 - 1
+MAX_WEIGHT = 1e4  # the largest magnitude read in learned embeddings and LoRA weights (trained ones stay far below)
 
 
 def require_number(name: str, value, low: float | None = None, high: float | None = None,

@@ -52,7 +52,7 @@ def run(server, wf: dict, timeout=900):
     events = []
     cid = uuid.uuid4().hex
     prompt_id = client.queue(server.url, wf, cid)
-    entry = client.wait(server.url, prompt_id, cid, wf, timeout=timeout, show=events.append)
+    entry = client.wait(server.url, prompt_id, cid, wf, client.Deadline(timeout), show=events.append)
     return entry, events
 
 

@@ -47,7 +47,7 @@ def run(server, wf: dict, timeout=1800):
     events = []
     cid = uuid.uuid4().hex
     prompt_id = client.queue(server.url, wf, cid)
-    return client.wait(server.url, prompt_id, cid, wf, timeout=timeout, show=events.append), events
+    return client.wait(server.url, prompt_id, cid, wf, client.Deadline(timeout), show=events.append), events
 
 
 def image_output(server, entry, node_id) -> np.ndarray:

@@ -101,7 +101,7 @@ def queue_and_wait(page, server, timeout: float = 1200) -> dict:
 def mask_seed(server):
     def run(wf):
         prompt_id = client.queue(server.url, wf, "frontend-test")
-        return client.wait(server.url, prompt_id, "frontend-test", wf, timeout=600, show=lambda e: None)
+        return client.wait(server.url, prompt_id, "frontend-test", wf, client.Deadline(600), show=lambda e: None)
     return find_mask_seed(run, CKPT)
 
 

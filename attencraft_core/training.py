@@ -467,7 +467,8 @@ class Trainer:
         `keep_last` are kept."""
         path = self.concept_set().save(self.out / snapshot_name(name, step))
         self.manifest.add(path)
-        old = snapshots(self.out, name)[:-self.opts.keep_last]
+        ours = set(self.manifest.names())
+        old = [p for p in snapshots(self.out, name) if p.name in ours][:-self.opts.keep_last]
         for path_old in old:
             path_old.unlink(missing_ok=True)
         self.manifest.discard(*old)

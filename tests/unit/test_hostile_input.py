@@ -735,3 +735,20 @@ def test_generate_refuses_a_negative_prompt_it_would_cut(saved_set, tiny_model_d
                                    r"most 77 .*, and the rest would be cut: .*Shorten the negative prompt", err), err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_run_folder_of_an_earlier_version_without_a_manifest(tiny_model_dir, scene_png, mask_pngs, tmp_path,
+                                                               capsys):
+    """Still seen as in use; replacing it deletes nothing it cannot prove a run wrote (the new run's files take
+    the same names), and names what it kept."""
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--steps", "1")) == 0
+    (out / "attencraft_files.json").unlink()
+    (out / "attencraft_mask_notes.png").write_bytes(b"my notes")
+    capsys.readouterr()
+    check_refused(train_args(tiny_model_dir, scene_png, mask_pngs, out), "holds another training run's files", capsys)
+    assert main(train_args(tiny_model_dir, scene_png, mask_pngs, out, "--overwrite")) == 0
+    assert (out / "attencraft_mask_notes.png").read_bytes() == b"my notes"
+    assert ConceptSet.load(out / "attencraft.safetensors").training["steps_done"] == 2
+    events = json.loads((out / "attencraft_train.json").read_text())["events"]
+    assert any(e.startswith("kept ") and "attencraft_mask_notes.png" in e for e in events), events

@@ -606,8 +606,10 @@ def test_train_and_generate_commands(tiny_model_dir, scene_png, tmp_path, capsys
 
 
 def test_snapshots_every_n_steps_keep_the_last_k_and_each_loads(tmp_path):
+    (tmp_path / "snap_step000001.safetensors").write_bytes(b"the user's own, named like a snapshot")
     result = make_trainer(build_tiny_components(seed=0), tmp_path, steps=8, save_every=2, keep_last=2).run("snap")
-    kept = sorted(p.name for p in tmp_path.glob("snap_step*.safetensors"))
+    assert (tmp_path / "snap_step000001.safetensors").read_bytes().startswith(b"the user's own")
+    kept = sorted(p.name for p in tmp_path.glob("snap_step*.safetensors") if p.name != "snap_step000001.safetensors")
     assert kept == ["snap_step000004.safetensors", "snap_step000006.safetensors"]  # 2 is dropped; 8 is the final
     assert all(is_snapshot(k) for k in kept) and not is_snapshot("snap.safetensors")
     snapshot = ConceptSet.load(tmp_path / kept[-1])

@@ -7,11 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 
 from .concept_file import ConceptSet
 from .concepts import parse_concepts
 from .demo import check_demo_settings, run_demo
 from .devices import PRECISIONS, resolve_device, resolve_dtype
+from .distributed import Processes, launched_rank
 from .errors import AttenCraftError
 from .generation import check_settings, generate
 from .images import load_image, load_mask
@@ -70,9 +73,9 @@ def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines; results and errors only")
 
 
-def _load(args, progress):
-    """Load --model on --device, its frozen weights in the dtype --precision names."""
-    device = resolve_device(args.device)
+def _load(args, progress, device: torch.device | None = None):
+    """Load --model on --device (or `device`), its frozen weights in the dtype --precision names."""
+    device = device or resolve_device(args.device)
     return load_components(args.model, device, resolve_dtype(args.precision, device), progress=progress)
 
 
@@ -127,15 +130,21 @@ def cmd_train(args) -> int:
     opts = from_arguments(TrainOptions, args, masks=from_arguments(MaskOptions, args, prefix="mask_"))
     opts.check()
     out = ensure_out_dir(args.out)
-    with ProgressBars(args.quiet) as bars:
-        comps = _load(args, bars)
+    device = resolve_device(args.device)
+    processes = Processes.from_environment(device)  # several under accelerate launch / torchrun
+    with ProgressBars(args.quiet or not processes.is_main) as bars:  # the main process reports for all
+        comps = _load(args, bars, processes.device(device))
         for note in notes:
             bars.log(f"note: {note}")
+        if processes.count > 1:
+            bars.log(f"{processes.count} processes: each step averages {processes.count} draws")
         trainer = Trainer(comps, image, concepts, out, opts, user_masks=user_masks, class_images=class_imgs,
-                          cache_dir=args.cache_dir, log=bars.log, progress=bars)
+                          cache_dir=args.cache_dir, log=bars.log, progress=bars, processes=processes)
         if args.resume:
             trainer.resume()
         result = trainer.run(safe_name(args.name), replace=args.overwrite)
+    if not processes.is_main:
+        return 0
     print(f"final loss {result.history[-1]['loss']:.4f}" if result.history else "no step was run")
     for kind, path in result.files.items():
         print(f"{kind}: {path}")
@@ -250,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> int:
     """Run a parsed command (its `func`): a user-fixable error is one `error:` line and status 2, Ctrl-C 130.
     With `quiet`, the libraries' own loading bars are off too. Shared with `python -m attencraft_lab`."""
-    if getattr(args, "quiet", False):
+    if launched_rank() > 0 and args.func is not cmd_train:
+        return 0  # only training uses several processes; the main process runs any other command alone
+    if getattr(args, "quiet", False) or launched_rank() > 0:  # the main process reports for all
         from diffusers.utils import logging as diffusers_logging  # on use (see lora.py)
         from transformers.utils import logging as transformers_logging
 

@@ -25,6 +25,7 @@ from .errors import AttenCraftError
 from .families import family_of
 from .generation import class_images as make_class_images
 from .generation import generate, model_fingerprint
+from .distributed import Processes, rank_seed
 from .images import contact_sheet, image_fingerprint, image_to_tensor, mask_to_image
 from .lora import add_lora, copy_lora_weights, lora_parameters, lora_state_dict
 from .losses import attention_loss, masked_diffusion_loss, ssim
@@ -173,6 +174,29 @@ def attach_trainables(comps: SDComponents, tokens: ConceptTokens, opts: TrainOpt
     return Trainables(tokens, embeddings, lora, optimizer, scaler)
 
 
+@dataclass
+class Draws:
+    """One rank's random draws: the concept subsets (sampler), and the prior image, noise and timestep
+    (generator). Rank 0 draws from the run's seed, so one process trains as it always did."""
+
+    rank: int
+    generator: torch.Generator
+    sampler: ConceptSampler
+
+    @classmethod
+    def of_rank(cls, rank: int, num_concepts: int, opts: TrainOptions) -> "Draws":
+        seed = rank_seed(opts.seed, rank)
+        return cls(rank, torch.Generator().manual_seed(seed),
+                   ConceptSampler(num_concepts, opts.policy, opts.all_share, seed))
+
+    def state(self) -> tuple[torch.Tensor, dict]:
+        return self.generator.get_state(), self.sampler.state()
+
+    def load(self, generator_state: torch.Tensor, sampler_state: dict) -> None:
+        self.generator.set_state(generator_state)
+        self.sampler.load_state(sampler_state)
+
+
 class Trainer:
     """One training run. Build it (inputs prepared, trainables attached), then call run(); everything is seeded
     and resumable."""
@@ -180,12 +204,15 @@ class Trainer:
     def __init__(self, comps: SDComponents, image: Image.Image, concepts: list[Concept], out_dir: str | Path,
                  opts: TrainOptions | None = None, user_masks: list | None = None,
                  class_images: list[Image.Image] | None = None, cache_dir: str | Path | None = None,
-                 callback=None, log=print, progress: Progress = no_progress, on_preview=None):
+                 callback=None, log=print, progress: Progress = no_progress, on_preview=None,
+                 processes: Processes | None = None):
         """`callback(step, steps, record, ratios)` after each step (may raise TrainingCancelled); `progress` is
         told each long phase: class images, masks, training (with loss and sampling ratios); `on_preview(step,
-        image)` gets each training preview (see `preview_every`)."""
+        image)` gets each training preview (see `preview_every`). `processes`: this process's place among
+        several (see distributed.py); only the main one writes files."""
         self.opts = opts or TrainOptions()
         self.opts.check(comps.native_resolution)
+        self.processes = processes or Processes()
         self.comps, self.concepts, self.callback, self.log, self.progress = comps, concepts, callback, log, progress
         self.on_preview = on_preview
         self._class_conditioning = None
@@ -195,13 +222,15 @@ class Trainer:
         self.device = comps.device
         self.history: list[dict] = []
         self.start_step = 0
-        inputs = prepare_inputs(comps, image, concepts, self.opts, user_masks, class_images, cache_dir, log, progress)
+        with self.processes.main_first():  # the main process fills the class-image cache, the others read it
+            inputs = prepare_inputs(comps, image, concepts, self.opts, user_masks, class_images, cache_dir, log,
+                                    progress)
         self.tokens, self.latents, self.class_latents = inputs.tokens, inputs.latents, inputs.class_latents
         self.token_ids = self.tokens.ids[0]  # the placeholders' ids in the (first) tokenizer
-        self.masks, self.scores, self.events = inputs.masks, inputs.scores, list(inputs.notes)
-        self.generator = torch.Generator().manual_seed(self.opts.seed)
-        self.sampler = ConceptSampler(len(concepts), self.opts.policy, self.opts.all_share, self.opts.seed)
-        self.sampler.set_scores(self.scores)
+        masks, scores = self.processes.from_main((inputs.masks.cpu(), inputs.scores.cpu()))  # all train on the same
+        self.masks, self.scores, self.events = masks.to(inputs.masks.device), scores, list(inputs.notes)
+        self.draws = [Draws.of_rank(rank, len(concepts), self.opts) for rank in self.processes.ranks]
+        self._set_scores(self.scores)
         self._event(f"masks ready; sampling ratios {self.sampler.ratios()}")
         # what a checkpoint must match to continue this run (computed before any weight is trained)
         self.identity = {"model": model_fingerprint(comps), "dtype": str(comps.dtype).removeprefix("torch."),
@@ -211,6 +240,15 @@ class Trainer:
         self.lora, self.optimizer = self.trainables.lora, self.trainables.optimizer
 
     # ---- helpers ---------------------------------------------------------------------------------------------
+    @property
+    def sampler(self) -> ConceptSampler:
+        """The first draw stream's sampler (every stream has the same scores, hence the same ratios)."""
+        return self.draws[0].sampler
+
+    def _set_scores(self, scores: torch.Tensor) -> None:
+        for draws in self.draws:
+            draws.sampler.set_scores(scores)
+
     def _event(self, text: str, step: int | None = None) -> None:
         line = text if step is None else f"step {step}: {text}"
         self.events.append(line)
@@ -227,19 +265,39 @@ class Trainer:
 
     # ---- one step --------------------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
-        o, comps = self.opts, self.comps
+        """One optimizer step over this process's draws; with several processes their gradients are summed
+        (each draw's loss is divided by the draws of all processes, so the step sees their mean)."""
+        o = self.opts
         self._set_learning_rates(step)
-        chosen = self.sampler.sample()
+        records = [self._draw_step(step, draws) for draws in self.draws]
+        self.processes.sum_gradients(self.lora + self.trainables.embeddings)
+        scaler = self.trainables.scaler
+        scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.lora + self.trainables.embeddings, o.max_grad_norm)
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = [torch.isfinite(p).all() for p in self.lora] + [self.tokens.all_finite()]
+        if not torch.stack(finite).all():  # one host sync per step
+            raise AttenCraftError(f"The trained weights became NaN or infinite at step {step + 1}: lower the learning "
+                                  "rate or use fp32. The last checkpoint is kept.")
+        self.history.append(records[0])
+        return records[0]
+
+    def _draw_step(self, step: int, draws: "Draws") -> dict:
+        """Forward and backward of one draw (concepts, prior image, noise and timestep from `draws`)."""
+        o, comps = self.opts, self.comps
+        chosen = draws.sampler.sample()
         placeholders = [self.concepts[i].placeholder for i in chosen]
         prompt = concepts_prompt(placeholders)
         family = family_of(comps)
         positions = family.token_positions(comps, prompt, placeholders)
         latents, cond = self.latents, encode_prompts(comps, [prompt], self.latents)
         if o.prior_weight > 0:
-            pick = int(torch.randint(len(self.class_latents), (1,), generator=self.generator))
+            pick = int(torch.randint(len(self.class_latents), (1,), generator=draws.generator))
             latents = torch.cat([latents, self.class_latents[pick:pick + 1]])
             cond = cat_conditioning(cond, self.class_conditioning())
-        noisy, t, target = family.training_sample(comps, latents, self.generator)
+        noisy, t, target = family.training_sample(comps, latents, draws.generator)
         store = AttentionStore(rows=[0])
         # the recording processors stay installed through backward: gradient checkpointing reruns them
         with family.record_attention(comps, store, o.masks, kinds=("cross",), detach_background=True):
@@ -262,21 +320,9 @@ class Trainer:
             if not torch.isfinite(total):
                 raise AttenCraftError(f"The loss became {float(total)} at step {step + 1}: lower the learning rate "
                                       "(--lr) or use fp32. The last checkpoint is kept.")
-            scaler = self.trainables.scaler
-            scaler.scale(total).backward()
-        scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.lora + self.trainables.embeddings, o.max_grad_norm)
-        scaler.step(self.optimizer)
-        scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        finite = [torch.isfinite(p).all() for p in self.lora] + [self.tokens.all_finite()]
-        if not torch.stack(finite).all():  # one host sync per step
-            raise AttenCraftError(f"The trained weights became NaN or infinite at step {step + 1}: lower the learning "
-                                  "rate or use fp32. The last checkpoint is kept.")
-        record = {"step": step + 1, "loss": float(total.detach()), "concepts": chosen,
-                  **{k: float(v.detach()) for k, v in losses.items()}}
-        self.history.append(record)
-        return record
+            self.trainables.scaler.scale(total / self.processes.total).backward()
+        return {"step": step + 1, "loss": float(total.detach()), "concepts": chosen,
+                **{k: float(v.detach()) for k, v in losses.items()}}
 
     def class_conditioning(self) -> dict:
         """The prior images' text conditioning, computed once: the class prompt holds no concept token, so
@@ -300,26 +346,32 @@ class Trainer:
         return union.float()[None, None]
 
     def refresh_masks(self, step: int) -> None:
-        """Re-derive the masks with the current model; keep them only if one-to-one and SSIM >= ssim_min."""
+        """Re-derive the masks with the current model; keep them only if one-to-one and SSIM >= ssim_min. The
+        main process decides; every process takes its masks, so all train on the same ones."""
+        masks, scores, event = self.processes.from_main(self._refreshed_masks(step) if self.processes.is_main
+                                                        else None)
+        if masks is not None:
+            self.masks, self.scores = masks.to(self.masks.device), scores
+            self._set_scores(self.scores)
+            event += f"; sampling ratios {self.sampler.ratios()}"
+        self._event(event, step)
+
+    def _refreshed_masks(self, step: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+        """(new masks, their scores, what happened), or (None, None, why not)."""
         gen = torch.Generator().manual_seed(self.opts.masks.seed + step)
         self.comps.denoiser.eval()
         try:
             result = masks_from_latents(self.comps, self.latents, self.concepts, self.opts.masks, gen)
         except AttenCraftError as exc:
-            self._event(f"mask refresh rejected ({str(exc).split(':')[0]})", step)
-            return
+            return None, None, f"mask refresh rejected ({str(exc).split(':')[0]})"
         finally:
             if self.opts.gradient_checkpointing:
                 self.comps.denoiser.train()
         similarity = [ssim(new, old) for new, old in zip(result.masks_lowres, self.masks)]
+        shown = ", ".join(f"{s:.2f}" for s in similarity)
         if min(similarity) < self.opts.ssim_min:
-            self._event(f"mask refresh rejected (SSIM {', '.join(f'{s:.2f}' for s in similarity)} "
-                        f"< {self.opts.ssim_min})", step)
-            return
-        self.masks, self.scores = result.masks_lowres, result.scores
-        self.sampler.set_scores(self.scores)
-        self._event(f"masks refreshed (SSIM {', '.join(f'{s:.2f}' for s in similarity)}); "
-                    f"sampling ratios {self.sampler.ratios()}", step)
+            return None, None, f"mask refresh rejected (SSIM {shown} < {self.opts.ssim_min})"
+        return result.masks_lowres.cpu(), result.scores.cpu(), f"masks refreshed (SSIM {shown})"
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def _signature(self) -> dict:
@@ -329,15 +381,23 @@ class Trainer:
         return {"concepts": [c.placeholder + "=" + c.word for c in self.concepts], **self.identity,
                 "options": options}
 
-    def save_checkpoint(self, step: int) -> Path:
-        """Write the resumable state (no pickle: safetensors + JSON metadata) atomically."""
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Write the resumable state (no pickle: safetensors + JSON metadata) atomically: the weights, and every
+        rank's random draws (gathered from all processes; only the main process writes)."""
+        states = [state for per_process in self.processes.gather([d.state() for d in self.draws])
+                  for state in per_process]
+        if not self.processes.is_main:
+            return None
         optimizer_tensors, optimizer_info = optimizer_to_flat(self.optimizer.state_dict())
         tensors = {**{f"lora.{k}": v for k, v in lora_state_dict(self.comps.denoiser).items()},
                    "embeddings": self.tokens.rows(),
                    "masks": self.masks.to(torch.uint8), "scores": self.scores.float(),
-                   "generator": self.generator.get_state(), **optimizer_tensors}
-        info = {"step": step, "sampler": self.sampler.state(), "history": self.history, "events": self.events,
+                   "generator": states[0][0], **{f"generator.{r}": g for r, (g, _) in enumerate(states) if r},
+                   **optimizer_tensors}
+        info = {"step": step, "sampler": states[0][1], "history": self.history, "events": self.events,
                 "optimizer": optimizer_info, "scaler": self.trainables.scaler.state_dict(), **self._signature()}
+        if len(states) > 1:
+            info |= {"processes": len(states), "samplers": [sampler for _, sampler in states[1:]]}
         path = save_checkpoint(self.out / CHECKPOINT, tensors, info)
         self.manifest.add(path)
         return path
@@ -350,6 +410,12 @@ class Trainer:
             self.log(f"no checkpoint in {self.out}; starting from step 0")
             return 0
         tensors, info = load_checkpoint(path)
+        written_by = info.get("processes", 1)
+        if written_by != self.processes.total:
+            raise AttenCraftError(
+                f"{path} was written by a run on {written_by} process(es) and this run has {self.processes.total}: "
+                f"resume it with {written_by} (e.g. torchrun --nproc_per_node {written_by}), since each process "
+                "continues its own random draws.")
         for key, expected in self._signature().items():
             saved = info.get(key)
             if saved == expected:
@@ -376,14 +442,16 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
             if info["scaler"]:
                 self.trainables.scaler.load_state_dict(info["scaler"])
-            self.generator.set_state(tensors["generator"])
-            self.sampler.load_state(info["sampler"])
-            self.masks, self.scores = masks, tensors["scores"]
+            samplers = [info["sampler"]] + list(info.get("samplers", []))
+            for draws in self.draws:
+                draws.load(tensors["generator." + str(draws.rank) if draws.rank else "generator"],
+                           samplers[draws.rank])
+            self.masks, self.scores = masks.to(self.masks.device), tensors["scores"]
             self.history, self.events, self.start_step = list(info["history"]), list(info["events"]), int(info["step"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise AttenCraftError(f"{path} does not fit this run ({exc}). Use another --out folder, or train "
                                   "without --resume.") from exc
-        self.sampler.set_scores(self.scores)
+        self._set_scores(self.scores)
         self.log(f"resumed from {path} at step {self.start_step}")
         return self.start_step
 
@@ -401,6 +469,8 @@ class Trainer:
     def run(self, name: str = "attencraft", replace: bool = False) -> TrainResult:
         """Train (from the resumed step), holding the folder's lock. A new run in a folder that holds another
         run's files refuses, unless `replace`: then those files are removed first."""
+        if not self.processes.is_main:  # the main process holds the folder and writes its files
+            return self._run(name)
         with RunLock(self.out):
             if self.start_step == 0:
                 self._clear_earlier_run(replace)
@@ -443,9 +513,9 @@ class Trainer:
                     self.refresh_masks(done)
                 if done % o.checkpoint_every == 0 or done == o.steps:
                     self.save_checkpoint(done)
-                if o.save_every and done % o.save_every == 0 and done < o.steps:
+                if self.processes.is_main and o.save_every and done % o.save_every == 0 and done < o.steps:
                     self.save_snapshot(name, done)
-                if o.preview_every and (done % o.preview_every == 0 or done == o.steps):
+                if self.processes.is_main and o.preview_every and (done % o.preview_every == 0 or done == o.steps):
                     self.preview(name, done)
                 ratios = self.sampler.ratios()
                 self.progress("training", done, o.steps, loss=f"{record['loss']:.4f}",
@@ -455,6 +525,8 @@ class Trainer:
         finally:
             self.trainables.release(self.comps.denoiser)
         result = TrainResult(self.concept_set(), self.history, self.events)
+        if not self.processes.is_main:
+            return result
         result.files = write_outputs(self.out, name, result, self.masks, self.sampler.ratios(),
                                      time.perf_counter() - started, self.manifest)
         if not o.keep_checkpoint:  # only after the outputs are safely written

@@ -168,8 +168,9 @@ def upload_image(server: str, path: str | Path, deadline: Deadline | None = None
 
 
 def apply_overrides(workflow: dict, settings: list[str], inputs_of=None) -> dict:
-    """--set NODE.INPUT=VALUE (VALUE parsed as JSON when it can be, else taken as text). `inputs_of(class_type)`
-    gives the inputs a node type has (None: unknown, then only the inputs the workflow already sets are taken)."""
+    """--set NODE.INPUT=VALUE (VALUE parsed as JSON when it can be, else taken as text). With `inputs_of`, an
+    input the node type does not have is refused: `inputs_of(class_type)` gives its inputs (None: the server
+    cannot say, then only the inputs the workflow already sets are taken)."""
     for item in settings:
         target, sep, raw = item.partition("=")
         node, dot, name = target.partition(".")
@@ -177,8 +178,8 @@ def apply_overrides(workflow: dict, settings: list[str], inputs_of=None) -> dict
             raise ClientError(f"--set {item!r}: use NODE_ID.INPUT=VALUE with a node id of this workflow "
                               f"({', '.join(workflow)}).")
         class_type = workflow[node]["class_type"]
-        known = (inputs_of(class_type) if inputs_of else None) or set(workflow[node]["inputs"])
-        if name not in known:
+        known = inputs_of and (inputs_of(class_type) or set(workflow[node]["inputs"]))
+        if known and name not in known:
             raise ClientError(f"--set {item!r}: node {node} ({class_type}) has no input {name!r}; its inputs are "
                               f"{', '.join(sorted(known))}.")
         try:

@@ -251,6 +251,12 @@ def test_bad_inputs_are_node_errors_and_the_server_keeps_serving(server, mask_se
     entry, _ = run(server, full(server, mask_seed, "../escape", 1))
     assert "AttenCraftTrainLoRA" in client.failure_message(entry) and "is not allowed" in client.failure_message(entry)
     assert server.get("/system_stats")["system"]["comfyui_version"]
+    # the headless client's --set asks the server which inputs a node has: optional ones count, typos do not
+    inputs = client.node_inputs(server.url, "AttenCraftTrainLoRA")
+    assert {"steps", "prior_images", "resolution", "overwrite"} <= inputs
+    wf = workflow("attencraft_full_pipeline")
+    with pytest.raises(client.ClientError, match="node 5 \\(AttenCraftTrainLoRA\\) has no input 'stpes'; its inputs"):
+        client.apply_overrides(wf, ["5.stpes=3"], lambda kind: client.node_inputs(server.url, kind))
 
 
 def test_client_reports_an_unreachable_server(capsys):

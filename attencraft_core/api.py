@@ -11,6 +11,7 @@ from .concept_tokens import ConceptTokens
 from .concepts import Concept, add_concept_tokens, concepts_prompt, parse_concepts
 from .demo import DemoResult, check_demo_settings, demo_prompts, run_demo
 from .devices import PRECISIONS, default_device, resolve_device, resolve_dtype
+from .distributed import Processes
 from .encoding import decode_latents, encode_images, encode_prompts
 from .errors import AttenCraftError
 from .families import family_named, family_of
@@ -32,7 +33,7 @@ from .validation import require_number, require_seed
 __all__ = [
     "FLOAT8", "PRECISIONS", "keep_float8_linears", "record_joint_attention",
     "PLACEHOLDER_RE", "ConceptTokens", "family_named", "family_of", "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
-    "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
+    "Processes", "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
     "add_concept_tokens", "earlier_run_files", "is_concept_set", "is_snapshot", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",
     "decode_latents", "default_device", "demo_prompts", "embedding_key", "encode_images", "encode_prompts",
     "ensure_out_dir", "ensure_rgb", "extract_masks", "generate", "image_to_tensor", "layer_factors",

@@ -15,6 +15,10 @@
     python -m attencraft_lab.bench.quality --mask-scenes 5 --train-scenes 1 --steps 20 --images 2   # a quick look
     python -m attencraft_lab.bench.quality --first-train-scene 4 --mask-scenes 0 --variants full     # policies, held-out scenes
     python -m attencraft_lab.bench.quality --mask-scenes 0 --policies adaptive --variants full --train-scenes 8 --seeds 0,1
+    python -m attencraft_lab.bench.quality --mask-scenes 0 --policies adaptive --variants full --processes 1,2   # N GPUs
+
+`--processes N` trains as N processes do (accelerate launch / torchrun: each step averages N draws, computed here
+on one process with the same result) for steps / N steps, the same number of draws in all.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attencraft_core.api import (AttenCraftError, MaskOptions, Trainer, decode_latents, encode_images,
+from attencraft_core.api import (AttenCraftError, MaskOptions, Processes, Trainer, decode_latents, encode_images,
                                   extract_masks, generate, image_to_tensor, load_components, parse_concepts,
                                   set_lora_strength, tensor_to_image)
 
@@ -45,7 +49,8 @@ VARIANTS = {"full": {}, "no mask margin": {"loss_mask_margin": 0}, "no masked lo
             "half-masked loss": {"unmasked_term": True},  # the reference code's loss; not in the defaults
             "prior preservation": {"prior_weight": 1.0},  # the toy default once; not in the defaults
             "prior with 32 class images": {"prior_weight": 1.0, "num_class_images": 32},  # not in the defaults
-            "LoRA rank 4": {"rank": 4}}  # not in the defaults
+            "LoRA rank 4": {"rank": 4},  # not in the defaults
+            "2x learning rate": {"lr": 1e-3}}  # the linear scaling rule for 2 processes; not in the defaults
 
 
 MASK_SETTINGS = {"paper defaults, 64 px": MaskOptions(seed=0),
@@ -133,8 +138,10 @@ def evaluate(comps, scene, placeholders, images: int, seed: int, with_context: b
 
 
 def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, images: int, eval_every: int,
-                    work: Path, seed: int = 0, strengths: tuple[float, ...] = (1.0,)) -> dict[float, dict]:
-    """Train on `scene`, then judge the final concepts at each LoRA strength: {strength: metrics and gaps}."""
+                    work: Path, seed: int = 0, strengths: tuple[float, ...] = (1.0,),
+                    processes: int = 1) -> dict[float, dict]:
+    """Train on `scene` (as `processes` processes would), then judge the final concepts at each LoRA strength:
+    {strength: metrics and gaps}."""
     shutil.rmtree(work, ignore_errors=True)  # a fresh run: never the finished checkpoint of another model or seed
     comps = load_components(model)
     concepts = parse_concepts(concept_words(scene))
@@ -149,7 +156,7 @@ def train_and_judge(model: Path, scene, policy: str, variant: dict, steps: int, 
 
     opts = concept_training_options(steps, policy=policy, seed=seed, **variant)
     trainer = Trainer(comps, scene.image, concepts, work, opts, cache_dir=work / "cache", callback=callback,
-                      log=lambda s: None)
+                      log=lambda s: None, processes=Processes.simulated(processes) if processes > 1 else None)
     trainer.run("bench")
     finals = {}
     for strength in strengths:
@@ -175,6 +182,8 @@ def main() -> None:
                          "moves a four-scene row by about 0.08 (docs/quality.md)")
     ap.add_argument("--policies", default="adaptive,uniform,union")
     ap.add_argument("--variants", default="full,no mask margin,no masked loss,no attention loss")
+    ap.add_argument("--processes", default="1",
+                    help="comma-separated process counts N; each trains steps / N steps (the same draws)")
     ap.add_argument("--strengths", default="1",
                     help="LoRA strengths to judge the trained concepts at, comma-separated (the Apply Concepts node's "
                          "strength; the gap during training is measured at 1)")
@@ -207,41 +216,44 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")]
     strengths = tuple(float(x) for x in args.strengths.split(","))
     rows = []
-    for policy in (args.policies.split(",") if args.train_scenes > 0 else []):
-        for name in args.variants.split(","):
-            if policy != "adaptive" and name != "full":
-                continue  # the loss ablations run with the default policy
-            runs_by_strength, refused = {s: [] for s in strengths}, 0
-            for i, seed in itertools.product(scene_ids, seeds):
-                scene = training_scene(i)
-                try:
-                    finals = train_and_judge(model, scene, policy, VARIANTS[name], args.steps, args.images,
-                                             args.eval_every,
-                                             Path(args.work) / f"{policy}-{name}-{i}-seed{seed}".replace(" ", "_"),
-                                             seed, strengths)
-                except AttenCraftError as exc:  # the model's attention did not separate this scene's objects
-                    refused += 1
-                    print(f"{policy}/{name} scene {i} seed {seed}: {str(exc).split('.')[0]}")
-                    continue
-                for strength, run in finals.items():
-                    runs_by_strength[strength].append({"scene": i, "seed": seed, **run})
-                    at = f" strength {strength:g}" if len(strengths) > 1 else ""
-                    print(f"{policy}/{name} scene {i} seed {seed}{at}: fidelity {run['fidelity']}, leakage "
-                          f"{run['leakage']}, joint {run['joint']}, context {run['context']} "
-                          f"({time.time() - started:.0f} s)", flush=True)
-            for strength, runs in runs_by_strength.items():
-                if not runs:
-                    continue
-                row = {"policy": policy, "variant": name, "strength": strength, "trained_runs": len(runs),
-                       "refused": refused,
-                       "fidelity": float(np.mean([np.mean(r["fidelity"]) for r in runs])),
-                       "leakage": float(np.mean([np.mean(r["leakage"]) for r in runs])),
-                       "joint": float(np.mean([r["joint"] for r in runs])),
-                       "context": float(np.mean([np.mean(r["context"]) for r in runs])),
-                       "gap_by_step": {s: float(np.mean([dict(r["gaps"])[s] for r in runs]))
-                                       for s, _ in runs[0]["gaps"]}}
-                rows.append(row)
-                results["training"].append({**row, "runs": runs})
+    counts = [int(x) for x in args.processes.split(",")]
+    for policy, name, processes in itertools.product(args.policies.split(",") if args.train_scenes > 0 else [],
+                                                     args.variants.split(","), counts):
+        if policy != "adaptive" and name != "full":
+            continue  # the loss ablations run with the default policy
+        steps = args.steps // processes
+        label = name if counts == [1] else f"{name}, {processes} processes x {steps} steps"
+        runs_by_strength, refused = {s: [] for s in strengths}, 0
+        for i, seed in itertools.product(scene_ids, seeds):
+            scene = training_scene(i)
+            try:
+                finals = train_and_judge(model, scene, policy, VARIANTS[name], steps, args.images,
+                                         args.eval_every,
+                                         Path(args.work) / f"{policy}-{name}-{processes}-{i}-seed{seed}".replace(
+                                             " ", "_"), seed, strengths, processes)
+            except AttenCraftError as exc:  # the model's attention did not separate this scene's objects
+                refused += 1
+                print(f"{policy}/{label} scene {i} seed {seed}: {str(exc).split('.')[0]}")
+                continue
+            for strength, run in finals.items():
+                runs_by_strength[strength].append({"scene": i, "seed": seed, **run})
+                at = f" strength {strength:g}" if len(strengths) > 1 else ""
+                print(f"{policy}/{label} scene {i} seed {seed}{at}: fidelity {run['fidelity']}, leakage "
+                      f"{run['leakage']}, joint {run['joint']}, context {run['context']} "
+                      f"({time.time() - started:.0f} s)", flush=True)
+        for strength, runs in runs_by_strength.items():
+            if not runs:
+                continue
+            row = {"policy": policy, "variant": label, "strength": strength, "trained_runs": len(runs),
+                   "refused": refused,
+                   "fidelity": float(np.mean([np.mean(r["fidelity"]) for r in runs])),
+                   "leakage": float(np.mean([np.mean(r["leakage"]) for r in runs])),
+                   "joint": float(np.mean([r["joint"] for r in runs])),
+                   "context": float(np.mean([np.mean(r["context"]) for r in runs])),
+                   "gap_by_step": {s: float(np.mean([dict(r["gaps"])[s] for r in runs]))
+                                   for s, _ in runs[0]["gaps"]}}
+            rows.append(row)
+            results["training"].append({**row, "runs": runs})
     if rows:
         print(f"\n{args.train_scenes} held-out two-object scenes from scene {args.first_train_scene}, training seeds "
               f"{args.seeds}, {args.steps} steps, {args.images} images per prompt\n")

@@ -87,3 +87,46 @@ def test_a_two_process_checkpoint_resumes_exactly_on_two_and_is_refused_on_one(t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = lora_of(straight / "attencraft.safetensors"), lora_of(out / "attencraft.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def process_with(environ: dict[str, str]) -> int | None:
+    """The pid of a process whose environment holds every item of `environ` (Linux /proc)."""
+    wanted = {f"{k}={v}".encode() for k, v in environ.items()}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if wanted <= set((entry / "environ").read_bytes().split(b"\0")):
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def test_killing_one_process_stops_the_run_with_the_last_checkpoint_intact(tiny_model_dir, tmp_path):
+    import signal
+    import time
+    import uuid
+
+    from attencraft_core.checkpoint import load_checkpoint
+
+    out, mark = tmp_path / "run", uuid.uuid4().hex
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ATTENCRAFT_TEST_MARK": mark}
+    args = train_args(tiny_model_dir, out, "--steps", "100000", "--checkpoint-every", "1")
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "attencraft_core", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.safetensors").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        victim = process_with({"ATTENCRAFT_TEST_MARK": mark, "RANK": "1"})
+        assert victim is not None and (out / "checkpoint.safetensors").is_file()
+        os.kill(victim, signal.SIGKILL)
+        _, err = run.communicate(timeout=120)  # the launcher stops the other process too
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode != 0, err[-2000:]
+    assert process_with({"ATTENCRAFT_TEST_MARK": mark}) is None  # no process of the run is left
+    tensors, info = load_checkpoint(out / "checkpoint.safetensors")
+    assert info["step"] >= 1 and info["processes"] == 2 and "generator.1" in tensors

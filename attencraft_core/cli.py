@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -256,9 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class HideTorchvisionNotice(logging.Filter):
+    """transformers says, when a pipeline is imported, that its image processors fall back to PIL without
+    torchvision: nothing the pack uses, and not what a user should read first."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run a parsed command (its `func`): a user-fixable error is one `error:` line and status 2, Ctrl-C 130.
     With `quiet`, the libraries' own loading bars are off too. Shared with `python -m attencraft_lab`."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(HideTorchvisionNotice())
     if launched_rank() > 0 and args.func is not cmd_train:
         return 0  # only training uses several processes; the main process runs any other command alone
     if getattr(args, "quiet", False) or launched_rank() > 0:  # the main process reports for all

@@ -87,17 +87,20 @@ def default_cache_dir() -> Path:
 def class_images(comps: SDComponents, prompt: str, count: int, resolution: int, steps: int = 25,
                  cache_dir: str | Path | None = None, progress: Progress = no_progress) -> list[Image.Image]:
     """`count` base-model images of `prompt`, generated once and cached on disk by model, prompt and size;
-    `progress` is told ("class images", images ready, count)."""
+    `progress` is told ("class images", sampling steps done, count x steps) at every sampling step, so a caller
+    that cancels from it stops within one step."""
     key = hashlib.sha256(f"{model_fingerprint(comps)}|{prompt}|{resolution}|{steps}".encode()).hexdigest()[:16]
     folder = ensure_out_dir(Path(cache_dir or default_cache_dir()) / "class_images" / key)
     atomic_write(folder / "prompt.txt", lambda tmp: tmp.write_text(prompt))
-    images = []
-    progress("class images", 0, count)
+    images, total = [], count * steps
+    progress("class images", 0, total)
     for i in range(count):
         path = folder / f"{i:04d}.png"
         if not path.is_file():
-            image = generate(comps, [prompt], seed=10_000 + i, steps=steps, resolution=resolution)[0]
+            image = generate(comps, [prompt], seed=10_000 + i, steps=steps, resolution=resolution,
+                             progress=lambda phase, done, _, first=i * steps: progress("class images", first + done,
+                                                                                      total))[0]
             save_image(path, image)
         images.append(load_image(path)[0])  # a damaged cache file is one clear error naming it
-        progress("class images", i + 1, count)
+        progress("class images", (i + 1) * steps, total)
     return images

@@ -555,7 +555,9 @@ class Trainer:
         try:
             prompts = [concepts_prompt([c.placeholder]) for c in self.concepts]
             images = generate(self.comps, prompts, seed=self.opts.seed, steps=PREVIEW_STEPS,
-                              resolution=preview_side(self.resolution))
+                              resolution=preview_side(self.resolution),  # each sampling step reported (and cancel)
+                              progress=lambda phase, done, total: self.progress(f"preview at step {step}", done,
+                                                                                total))
         finally:
             unet.train(was_training)
         sheet = contact_sheet([(f"{c.placeholder} {c.word}, step {step}", [im])

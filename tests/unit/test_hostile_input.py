@@ -752,3 +752,17 @@ def test_a_run_folder_of_an_earlier_version_without_a_manifest(tiny_model_dir, s
     assert ConceptSet.load(out / "attencraft.safetensors").training["steps_done"] == 2
     events = json.loads((out / "attencraft_train.json").read_text())["events"]
     assert any(e.startswith("kept ") and "attencraft_mask_notes.png" in e for e in events), events
+
+
+def test_the_command_line_prints_only_the_packs_own_lines(saved_set, tiny_model_dir, tmp_path):
+    """No library notice (transformers' torchvision fallback, printed when a pipeline is imported) among the
+    pack's own lines."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "attencraft_core", *generate_args(tiny_model_dir, saved_set,
+                                                                                 tmp_path / "g.png")],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert run.stdout == f"wrote {tmp_path / 'g.png'}\n", run.stdout

@@ -636,6 +636,42 @@ def test_previews_show_every_concept_and_leave_training_unchanged(tmp_path):
         torch.testing.assert_close(trained_state(comps, trainer)[0][name], value, atol=0, rtol=0)
 
 
+def test_previews_report_every_sampling_step_and_a_cancel_there_stops_within_one(tmp_path):
+    reports = []
+
+    def progress(phase, done, total, **info):
+        reports.append((phase, done, total))
+        if phase.startswith("preview") and done == 3:
+            raise TrainingCancelled()
+
+    trainer = make_trainer(build_tiny_components(seed=0), tmp_path, steps=4, preview_every=2)
+    trainer.progress = progress
+    with pytest.raises(TrainingCancelled):
+        trainer.run("r")
+    previews = [(done, total) for phase, done, total in reports if phase == "preview at step 2"]
+    assert previews == [(0, 24), (1, 24), (2, 24), (3, 24)]  # 2 concepts x 12 sampling steps, each reported
+    assert reports[-1] == ("preview at step 2", 3, 24) and not list(tmp_path.glob("r_preview_*"))
+    assert (tmp_path / "checkpoint.safetensors").is_file()  # the cancelled run can resume
+
+
+def test_class_images_report_every_sampling_step_and_a_cancel_stops_within_one(tiny, tmp_path):
+    from attencraft_core.generation import class_images
+
+    reports = []
+    class_images(tiny, "a photo at the beach", 2, 64, steps=3, cache_dir=tmp_path,
+                 progress=lambda phase, done, total: reports.append((phase, done, total)))
+    assert [done for _, done, _ in reports] == [0, 0, 1, 2, 3, 3, 3, 4, 5, 6, 6]
+    assert {(phase, total) for phase, _, total in reports} == {("class images", 6)}
+
+    def cancel_at_4(phase, done, total):
+        if done == 4:
+            raise TrainingCancelled()
+
+    with pytest.raises(TrainingCancelled):
+        class_images(tiny, "a photo in the snow", 2, 64, steps=3, cache_dir=tmp_path, progress=cancel_at_4)
+    assert len(list((tmp_path / "class_images").rglob("*.png"))) == 2 + 1  # the first snow image, not the second
+
+
 def test_a_replaced_run_takes_its_snapshots_and_previews_with_it(tmp_path):
     make_trainer(build_tiny_components(seed=0), tmp_path, steps=4, save_every=2, preview_every=2).run("old")
     assert list(tmp_path.glob("old_step*")) and list(tmp_path.glob("old_preview_*"))

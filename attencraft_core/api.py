@@ -21,7 +21,7 @@ from .images import contact_sheet, ensure_rgb, image_to_tensor, load_image, mask
 from .joint_attention import record_joint_attention
 from .lora import set_lora_strength
 from .masks import MaskResult, extract_masks, masks_from_latents
-from .model_loading import SDComponents, load_components, sd_noise_scheduler
+from .model_loading import SDComponents, check_loading_info, load_components, sd_noise_scheduler
 from .outputs import atomic_write, ensure_out_dir, safe_name, save_image, save_mask_outputs, write_json
 from .options import settings_of, value_type
 from .progress import Progress, ProgressBars, no_progress
@@ -34,7 +34,7 @@ __all__ = [
     "FLOAT8", "PRECISIONS", "keep_float8_linears", "record_joint_attention",
     "PLACEHOLDER_RE", "ConceptTokens", "family_named", "family_of", "AttenCraftError", "AttentionStore", "Concept", "ConceptSet", "DemoResult", "MaskOptions", "MaskResult",
     "Processes", "Progress", "ProgressBars", "SDComponents", "TrainOptions", "TrainResult", "Trainer", "TrainingCancelled",
-    "add_concept_tokens", "earlier_run_files", "is_concept_set", "is_snapshot", "atomic_write", "capture_attention", "check_demo_settings", "class_images", "concepts_prompt", "contact_sheet",
+    "add_concept_tokens", "earlier_run_files", "is_concept_set", "is_snapshot", "atomic_write", "capture_attention", "check_demo_settings", "check_loading_info", "class_images", "concepts_prompt", "contact_sheet",
     "decode_latents", "default_device", "demo_prompts", "embedding_key", "encode_images", "encode_prompts",
     "ensure_out_dir", "ensure_rgb", "extract_masks", "generate", "image_to_tensor", "layer_factors",
     "load_checkpoint", "load_components", "load_image", "mask_to_image", "masks_from_latents", "no_progress",

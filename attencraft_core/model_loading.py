@@ -179,13 +179,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 
 def check_loaded_weights(name: str, folder: Path, module: torch.nn.Module) -> None:
-    """Refuse weights that did not load (a damaged or swapped file leaves tensors on the meta device) or that
-    hold NaN or infinite values."""
-    missing = [n for n, p in module.named_parameters() if p.is_meta]
-    if missing:
-        raise AttenCraftError(f"{folder}: {len(missing)} {name} weights are missing from its weight file (e.g. "
-                              f"{missing[0]}); the file does not belong to this config.json (damaged or swapped). "
-                              "Re-copy the model.")
+    """Refuse weights that hold NaN or infinite values (weights missing from the file: check_loading_info)."""
     param_name = first_non_finite(module.named_parameters())
     if param_name is not None:
         raise AttenCraftError(f"{folder}: the {name} weight {param_name} holds NaN or infinite values; the "
@@ -229,7 +223,7 @@ def check_model_constants(comps: SDComponents) -> None:
 @contextmanager
 def quiet_library_logs():
     """diffusers/transformers list every unexpected key of a mismatched file (thousands of lines); our own
-    check_loaded_weights says it in one line instead."""
+    check_loading_info says it in one line instead."""
     from diffusers.utils import logging as diffusers_logging  # on use (see lora.py)
     from transformers.utils import logging as transformers_logging
 
@@ -251,26 +245,44 @@ def part_loaders(root: Path, dtype: torch.dtype) -> dict:
     from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,
                               T5TokenizerFast)
 
+    # models come back with their loading info ((model, info)): see check_loading_info
     loaders = {
         "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True),
-        "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, local_files_only=True, dtype=dtype),
-        "vae": lambda p: AutoencoderKL.from_pretrained(p, local_files_only=True, torch_dtype=torch.float32),
+        "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, local_files_only=True, dtype=dtype,
+                                                                output_loading_info=True),
+        "vae": lambda p: AutoencoderKL.from_pretrained(p, local_files_only=True, torch_dtype=torch.float32,
+                                                       output_loading_info=True),
     }
     if (root / "transformer").is_dir():
         return loaders | {
             "tokenizer_2": lambda p: T5TokenizerFast.from_pretrained(p, local_files_only=True),
-            "text_encoder_2": lambda p: T5EncoderModel.from_pretrained(p, local_files_only=True, dtype=dtype),
+            "text_encoder_2": lambda p: T5EncoderModel.from_pretrained(p, local_files_only=True, dtype=dtype,
+                                                                       output_loading_info=True),
             "transformer": lambda p: FluxTransformer2DModel.from_pretrained(p, local_files_only=True,
-                                                                            torch_dtype=dtype),
+                                                                            torch_dtype=dtype,
+                                                                            output_loading_info=True),
             "scheduler": lambda p: FlowMatchEulerDiscreteScheduler.from_pretrained(p, local_files_only=True)}
     loaders |= {
-        "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype),
+        "unet": lambda p: UNet2DConditionModel.from_pretrained(p, local_files_only=True, torch_dtype=dtype,
+                                                               output_loading_info=True),
         "scheduler": lambda p: DDPMScheduler.from_pretrained(p, local_files_only=True)}
     if (root / "text_encoder_2").is_dir():
         loaders["tokenizer_2"] = lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True)
         loaders["text_encoder_2"] = lambda p: CLIPTextModelWithProjection.from_pretrained(
-            p, local_files_only=True, dtype=dtype)
+            p, local_files_only=True, dtype=dtype, output_loading_info=True)
     return loaders
+
+
+def check_loading_info(name: str, folder: Path, info: dict) -> None:
+    """Refuse weights that do not match their config: a weight the file lacks would be initialised at random
+    (transformers does so without an error), one it has too many belongs to another model."""
+    problems = {kind: sorted(map(str, info.get(f"{kind}_keys") or [])) for kind in ("missing", "unexpected",
+                                                                                   "mismatched")}
+    found = [f"{len(keys)} {kind} (e.g. {keys[0]})" for kind, keys in problems.items() if keys]
+    if found:
+        raise AttenCraftError(f"{folder}: the {name} weight file does not match its config.json: "
+                              f"{', '.join(found)} weights. It is damaged or belongs to another model (loading it "
+                              "would leave weights at random): re-copy or re-export the model.")
 
 
 def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
@@ -288,6 +300,9 @@ def load_components(model_dir: str | Path, device: torch.device | str = "cpu",
                 parts[name] = load(root / name)
         except Exception as exc:  # library errors become one readable message
             raise AttenCraftError(f"Could not load {name} from {root / name}: {exc}") from exc
+        if isinstance(parts[name], tuple):
+            parts[name], info = parts[name]
+            check_loading_info(name, root / name, info)
         if isinstance(parts[name], torch.nn.Module):
             check_loaded_weights(name, root / name, parts[name])
         progress(phase, i, len(loaders))

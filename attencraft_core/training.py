@@ -414,7 +414,7 @@ class Trainer:
         if written_by != self.processes.total:
             raise AttenCraftError(
                 f"{path} was written by a run on {written_by} process(es) and this run has {self.processes.total}: "
-                f"resume it with {written_by} (e.g. torchrun --nproc_per_node {written_by}), since each process "
+                f"resume it with {written_by} processes (the launcher's process count), since each process "
                 "continues its own random draws.")
         for key, expected in self._signature().items():
             saved = info.get(key)

@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from attencraft_core.api import check_loading_info
+
 from ..tiny_flux import build_t5_word_tokenizer
 from ..tiny_models import build_word_tokenizer
 from .model import toy_model_dir
@@ -29,7 +31,10 @@ MAX_TOKENS = 32
 
 def toy_vae() -> AutoencoderKL:
     """The UNet toy's trained VAE, with the shift factor a Flux pipeline reads (0: none)."""
-    vae = AutoencoderKL.from_pretrained(toy_model_dir() / "vae", local_files_only=True, torch_dtype=torch.float32)
+    folder = toy_model_dir() / "vae"
+    vae, info = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32,
+                                              output_loading_info=True)
+    check_loading_info("vae", folder, info)  # never a partly random VAE
     vae.register_to_config(shift_factor=0.0)
     return vae.requires_grad_(False).eval()
 

@@ -82,7 +82,7 @@ def test_a_two_process_checkpoint_resumes_exactly_on_two_and_is_refused_on_one(t
     assert first.returncode == 0, first.stderr[-3000:]
     one = torchrun(1, *train_args(tiny_model_dir, out, "--resume"))
     assert one.returncode != 0 and "error: " in one.stderr, one.stderr
-    assert "written by a run on 2 process(es) and this run has 1: resume it with 2" in one.stderr, one.stderr
+    assert "written by a run on 2 process(es) and this run has 1: resume it with 2 processes" in one.stderr, one.stderr
     resumed = torchrun(2, *train_args(tiny_model_dir, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = lora_of(straight / "attencraft.safetensors"), lora_of(out / "attencraft.safetensors")

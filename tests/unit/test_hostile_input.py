@@ -319,10 +319,20 @@ def swapped_weights(folder):
                 folder / "vae" / "diffusion_pytorch_model.safetensors")
 
 
+def renamed_weight(folder):
+    path = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k in tensors if k.endswith("final_layer_norm.weight"))
+    tensors[key.replace(".weight", ".gamma")] = tensors.pop(key)
+    save_file(tensors, str(path))
+
+
 MODELS = [
     ("SDXL UNet without its second text encoder", sdxl_config, "an SDXL UNet needs text_encoder_2"),
+    ("a weight named otherwise", renamed_weight, "the text_encoder weight file does not match its config.json: "
+                                                 "1 missing (e.g. final_layer_norm.weight), 1 unexpected"),
     ("NaN weights", nan_weights, "conv_in.weight holds NaN"),
-    ("swapped weight files", swapped_weights, "vae weights are missing from its weight file"),
+    ("swapped weight files", swapped_weights, "the vae weight file does not match its config.json: 124 missing"),
 ]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .devices import free_memory
+from .errors import AttenCraftError
 from .families import family_of
 from .model_loading import SDComponents
 
@@ -21,9 +23,21 @@ def cat_conditioning(first: dict, second: dict) -> dict:
             for k, v in first.items()}
 
 
+def check_vae_memory(comps: SDComponents, pixels_hw: tuple[int, int], batch: int = 1) -> None:
+    """Refuse, before allocating, an image size whose VAE pass would not fit in the device's free memory: its
+    full-resolution activations (the first block's channels, float32, about four alive at once)."""
+    need = 4 * batch * pixels_hw[0] * pixels_hw[1] * comps.vae.config.block_out_channels[0] * 4
+    free = free_memory(comps.device)
+    if free is not None and need > free:
+        raise AttenCraftError(f"The VAE needs about {need / 2 ** 20:,.0f} MiB for a {pixels_hw[1]}x{pixels_hw[0]} "
+                              f"image and {comps.device} has {free / 2 ** 20:,.0f} MiB free: use a smaller "
+                              "resolution (the model's own is best).")
+
+
 def encode_images(comps: SDComponents, pixels: torch.Tensor) -> torch.Tensor:
     """Scaled VAE latents (distribution mean) of pixels in [-1, 1], [B, 3, H, W]."""
     vae = comps.vae
+    check_vae_memory(comps, tuple(pixels.shape[-2:]), len(pixels))
     with torch.no_grad():
         latents = vae.encode(pixels.to(comps.device, vae.dtype)).latent_dist.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0

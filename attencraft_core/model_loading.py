@@ -187,6 +187,7 @@ def check_loaded_weights(name: str, folder: Path, module: torch.nn.Module) -> No
 
 
 MAX_TIMESTEPS = 100_000
+MAX_NATIVE_SIDE = 4096  # px; real models are built for 512 to 2048 (a larger size is asked with --resolution)
 
 
 def check_model_constants(comps: SDComponents) -> None:
@@ -199,8 +200,8 @@ def check_model_constants(comps: SDComponents) -> None:
     except (TypeError, ValueError, IndexError) as exc:
         raise AttenCraftError(f"{source}: the model's sample_size in its config is not a size ({exc}).") from exc
     try:
-        require_number("The model's native resolution (sample_size in its config x the VAE factor)", side, 8, 8192,
-                       integer=True, multiple_of=8)
+        require_number("The model's native resolution (sample_size in its config x the VAE factor)", side, 8,
+                       MAX_NATIVE_SIDE, integer=True, multiple_of=8)
         vae = comps.vae.config
         require_number("The VAE's scaling_factor (vae/config.json)", vae.scaling_factor, 0, 100, low_open=True)
         require_number("The VAE's shift_factor (vae/config.json)", getattr(vae, "shift_factor", None) or 0.0, -100,

@@ -580,6 +580,7 @@ def edit_json(path, **changes):
 BROKEN_CONFIGS = [
     ("sample_size huge", "unet/config.json", {"sample_size": 100000}, "native resolution"),
     ("sample_size 0", "unet/config.json", {"sample_size": 0}, "native resolution"),
+    ("sample_size 8192 px", "unet/config.json", {"sample_size": 4096}, "must be >= 8 and <= 4096, got 8192"),
     ("beta_end NaN", "scheduler/scheduler_config.json", {"beta_end": float("nan")}, "beta_end"),
     ("beta_end above 1", "scheduler/scheduler_config.json", {"beta_end": 5.0}, "noise levels outside"),
     ("VAE scaling NaN", "vae/config.json", {"scaling_factor": float("nan")}, "scaling_factor"),
@@ -776,3 +777,10 @@ def test_the_command_line_prints_only_the_packs_own_lines(saved_set, tiny_model_
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert run.returncode == 0 and run.stderr == "", run.stderr
     assert run.stdout == f"wrote {tmp_path / 'g.png'}\n", run.stdout
+
+
+def test_an_image_size_the_vae_cannot_hold_is_refused_before_allocating(monkeypatch, tiny_model_dir, scene_png,
+                                                                        tmp_path, capsys):
+    monkeypatch.setattr("attencraft_core.encoding.free_memory", lambda device: 1024)
+    check_refused(["masks", "--model", str(tiny_model_dir), "--image", str(scene_png), "--concepts", "cat,dog",
+                   "--out", str(tmp_path / "out")], "The VAE needs about", capsys)

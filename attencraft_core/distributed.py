@@ -113,10 +113,6 @@ class Processes:
         """Run the block on the main process first, then on the others (e.g. fill a cache once)."""
         return self.state.main_process_first() if self.distributed else nullcontext()
 
-    def wait(self) -> None:
-        if self.distributed:
-            self.state.wait_for_everyone()
-
 
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s draws: the run's seed itself for rank 0 (one process draws as before), a
